@@ -1,0 +1,270 @@
+"""Every setting of the kit, one dataclass per concern, each default with its reason.
+
+A YAML file under `configs/` sets defaults, command-line flags override them, and an unknown key or flag is an
+error (the QLoRA repo silently dropped unknown flags, so its own launch scripts set options that did nothing):
+
+    python train.py --config configs/phi2_oasst1.yaml --max_steps 100
+    python train.py --help
+
+Training-loop settings are TRL's `SFTConfig` (see `TrainingConfig` below for the defaults we change).
+"""
+
+import functools
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import Literal, NoReturn
+
+logger = logging.getLogger(__name__)
+
+# The modules the original Phi-2 QLoRA recipe adapted: attention projections, the attention output and the MLP.
+PHI_LORA_TARGETS = "q_proj,k_proj,v_proj,dense,fc1,fc2"
+
+
+class ConfigError(ValueError):
+    """A setting the user chose that cannot work; its message names the flag and the fix."""
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="microsoft/phi-2",
+        metadata={
+            "aliases": ["--model"],
+            "help": "Base model: a Hub id or a local folder saved with save_pretrained. Phi-2 (2.7B) is the model "
+            "this kit is tuned for; any causal LM works (LoRA then targets every linear layer but the output head).",
+        },
+    )
+    model_revision: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub revision (branch, tag or commit) of the base model; pin a commit for reproducible runs."
+        },
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = field(
+        default="sdpa",
+        metadata={"help": "Attention kernel. sdpa is built into torch, fast, and needs no extra package."},
+    )
+
+
+@dataclass
+class QuantizationArguments:
+    load_in_4bit: bool = field(
+        default=True,
+        metadata={"help": "Load the frozen base in 4 bits (QLoRA). Phi-2 then takes about 1.8 GB instead of 5.6 GB."},
+    )
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = field(
+        default="nf4",
+        metadata={"help": "4-bit data type. nf4 suits normally distributed weights and beats fp4 (QLoRA paper)."},
+    )
+    bnb_4bit_use_double_quant: bool = field(
+        default=True,
+        metadata={
+            "help": "Also quantize the quantization constants: saves about 0.4 bit per parameter, no quality cost."
+        },
+    )
+    bnb_4bit_compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = field(
+        default="auto",
+        metadata={
+            "help": "dtype of the matmuls on the dequantized weights. auto: bfloat16 on GPUs that support it (Phi-2 "
+            "overflows in fp16 attention), float16 on older GPUs (with a warning), float32 on CPU."
+        },
+    )
+
+
+@dataclass
+class LoraArguments:
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank (QLoRA paper: 64)."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator; the update is scaled by alpha/r."})
+    lora_dropout: float = field(
+        default=0.1, metadata={"help": "Dropout on the LoRA input; 0.1 as in the QLoRA paper for models under 13B."}
+    )
+    lora_target_modules: str = field(
+        default="auto",
+        metadata={
+            "help": "Comma-separated module names to adapt, or 'all-linear'. auto: Phi's "
+            f"{PHI_LORA_TARGETS} for Phi models, every linear layer except the output head for other architectures."
+        },
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset: str = field(
+        default="OpenAssistant/oasst1",
+        metadata={
+            "aliases": ["--input"],
+            "help": "Training data: 'OpenAssistant/oasst1' (or 'hub') for the Hub data set, or a local file: oasst1 "
+            "rows (.jsonl/.parquet with the Hub's columns), an oasst1 trees export (.jsonl, one tree per line), "
+            '{"messages": [...]} jsonl, or text lines "### Human: ... ### Assistant: ...".',
+        },
+    )
+    dataset_split: str = field(
+        default="train", metadata={"aliases": ["--split"], "help": "Split of the Hub data set to train on."}
+    )
+    eval_split: str | None = field(
+        default="validation",
+        metadata={"help": "Held-out split of the Hub data set (used when --dataset is the Hub one). Empty: none."},
+    )
+    eval_dataset: str | None = field(
+        default=None, metadata={"help": "Held-out data from a local file (same formats as --dataset)."}
+    )
+    eval_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "Hold out this share of a local --dataset's conversation trees for evaluation (split by tree, so "
+            "no tree is on both sides). 0: none."
+        },
+    )
+    policy: Literal["best", "replies"] = field(
+        default="best",
+        metadata={
+            "help": "best: one multi-turn conversation per tree along the best-ranked replies, loss on every "
+            "assistant turn. replies: one example per best-ranked reply at any depth, its ancestors as context, "
+            "loss on that reply only."
+        },
+    )
+    langs: str = field(
+        default="",
+        metadata={"help": "Comma-separated language codes to keep (e.g. en,de). Empty: all languages."},
+    )
+
+    def __post_init__(self):
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"--eval_fraction must be in [0, 1), got {self.eval_fraction}.")
+
+    @property
+    def lang_list(self) -> list[str]:
+        return [lang.strip() for lang in self.langs.split(",") if lang.strip()]
+
+
+@dataclass
+class GenerationArguments:
+    max_new_tokens: int = field(default=256, metadata={"help": "Longest reply, in tokens."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature; 0 means greedy decoding."})
+    top_p: float = field(
+        default=0.9, metadata={"help": "Nucleus sampling: keep the smallest token set with this mass."}
+    )
+    top_k: int = field(default=50, metadata={"help": "Sample among the k most likely tokens (0: no limit)."})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "Above 1 discourages repeating tokens."})
+    seed: int | None = field(default=None, metadata={"help": "Random seed for sampling, for repeatable replies."})
+
+    def generate_kwargs(self) -> dict:
+        """Keyword arguments for `model.generate`."""
+        if self.temperature <= 0:
+            return {
+                "max_new_tokens": self.max_new_tokens,
+                "do_sample": False,
+                "repetition_penalty": self.repetition_penalty,
+            }
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": True,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "repetition_penalty": self.repetition_penalty,
+        }
+
+
+@functools.cache
+def _training_config_class() -> type:
+    # TrainingConfig subclasses TRL's SFTConfig, whose import pulls in peft and bitsandbytes (seconds). It is built on
+    # first use, so the light entry points (data export, inference --help) start fast.
+    from trl import SFTConfig
+
+    @dataclass
+    class TrainingConfig(SFTConfig):
+        """TRL's SFTConfig with the QLoRA recipe's defaults and device-aware precision and optimizer."""
+
+        output_dir: str = field(
+            default="model",
+            metadata={"help": "Where checkpoints, the final adapter, tokenizer and config are written."},
+        )
+        learning_rate: float = field(
+            default=2e-4, metadata={"help": "Peak learning rate (QLoRA paper: 2e-4 for 7B-13B)."}
+        )
+        lr_scheduler_type: str = field(
+            default="constant", metadata={"help": "Learning-rate schedule after warmup (QLoRA repo: constant)."}
+        )
+        warmup_steps: float = field(
+            default=0.05,
+            metadata={"help": "Warmup: a float in [0, 1) is a share of all steps, an integer a step count."},
+        )
+        max_steps: int = field(default=700, metadata={"help": "Optimizer steps (original recipe: 700)."})
+        per_device_train_batch_size: int = field(default=4, metadata={"help": "Micro-batch size per device."})
+        gradient_accumulation_steps: int = field(
+            default=4, metadata={"help": "Micro-batches per optimizer step: 4 x 4 = 16 examples a step."}
+        )
+        max_length: int | None = field(
+            default=512, metadata={"help": "Tokens per example; longer conversations are cut at the end."}
+        )
+        max_grad_norm: float = field(default=0.3, metadata={"help": "Gradient clipping (QLoRA paper: 0.3)."})
+        optim: str = field(
+            default="paged_adamw_32bit",
+            metadata={
+                "help": "Optimizer. Paged AdamW moves optimizer state to CPU RAM under memory pressure instead of "
+                "crashing (CUDA only; on CPU it falls back to adamw_torch with a warning)."
+            },
+        )
+        assistant_only_loss: bool = field(
+            default=True, metadata={"help": "Train on assistant tokens (and their EOS) only, not on the human turns."}
+        )
+        bf16: bool | None = field(
+            default=None,
+            metadata={"help": "bf16 mixed precision. Default: on where the GPU supports it, off on CPU."},
+        )
+        save_steps: float = field(default=100, metadata={"help": "Save a checkpoint every N steps."})
+        save_total_limit: int | None = field(default=3, metadata={"help": "Keep only the newest N checkpoints."})
+        logging_steps: float = field(default=10, metadata={"help": "Log the loss every N steps."})
+        report_to: str | None = field(
+            default="none", metadata={"help": "Where to send training logs: none, tensorboard, wandb, trackio."}
+        )
+        resume: bool = field(default=False, metadata={"help": "Continue from the latest checkpoint in --output_dir."})
+
+        def __post_init__(self):
+            # Decide precision and optimizer for the hardware before SFTConfig validates them.
+            import torch
+
+            if torch.cuda.is_available():
+                if self.bf16 is None and not self.fp16:
+                    self.bf16 = torch.cuda.is_bf16_supported()
+                    if not self.bf16:
+                        self.fp16 = True
+                        logger.warning(
+                            "This GPU has no bf16: training in fp16. Phi-2 can overflow in fp16 attention; "
+                            "watch for a nan loss."
+                        )
+            else:
+                if self.bf16 or self.fp16:
+                    logger.warning("No CUDA GPU: mixed precision is off, training in float32 on CPU.")
+                self.bf16, self.fp16 = False, False
+                if "paged" in self.optim or "bnb" in self.optim or "8bit" in self.optim:
+                    logger.warning("--optim %s needs CUDA: using adamw_torch on CPU.", self.optim)
+                    self.optim = "adamw_torch"
+            super().__post_init__()
+
+    # The Trainer pickles its arguments into each checkpoint: give the class the name pickle finds through the
+    # module's __getattr__ below.
+    TrainingConfig.__qualname__ = "TrainingConfig"
+    return TrainingConfig
+
+
+def __getattr__(name: str):
+    if name == "TrainingConfig":
+        return _training_config_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def parse_train_args(args: list[str] | None = None):
+    """--config YAML defaults, then CLI overrides: (model, quantization, lora, data, training) arguments."""
+    from trl import TrlParser
+
+    parser = TrlParser((ModelArguments, QuantizationArguments, LoraArguments, DataArguments, _training_config_class()))
+    return parser.parse_args_and_config(args)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """A user's mistake: one clear line on stderr and a non-zero exit, never a traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)

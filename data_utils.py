@@ -1,0 +1,465 @@
+"""oasst1 -> multi-turn conversations -> the "### Human: ... ### Assistant: ..." training text.
+
+Preview or export what training will see:
+
+    python data_utils.py --input data/oasst1/laion_en_100_tree.jsonl --out conversations.jsonl
+    python data_utils.py --input data/oasst1/laion_en_100_tree.jsonl --policy replies --out replies.jsonl
+    python data_utils.py --input hub --split validation --langs en,de --out validation.jsonl
+
+Sources: the Hub data set (`hub` or `OpenAssistant/oasst1`), a local file of oasst1 rows (.jsonl or .parquet with the
+Hub's columns), an oasst1 trees export (.jsonl, one tree per line), or your own conversations: `{"messages": [{"role":
+"user"|"assistant", "content": ...}]}` jsonl, or text lines "### Human: ... ### Assistant: ...".
+
+Policies (for oasst1 sources; your own conversations are used whole, with loss on every assistant turn):
+- best: one conversation per tree, following the best-ranked assistant reply at every assistant step, ending at an
+  assistant message; loss on every assistant turn. Prompter messages carry no rank, so where a conversation can go on
+  with several human follow-ups we take the one that leads to the most assistant turns (ties: smallest message_id),
+  which keeps as much multi-turn data as the tree has. "Best-ranked" is the lowest `rank` among siblings (ranks are not
+  always 0..k-1); unranked replies come after ranked ones, and ties go to the smallest message_id.
+- replies: one example per best-ranked assistant reply at any depth, with all its ancestors as context; loss on that
+  reply only. The original repo trained on the same replies but threw the context away.
+"""
+
+import hashlib
+import json
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+HUB_DATASET = "OpenAssistant/oasst1"
+
+# The conversation template: the one source of truth, also saved as the tokenizer's `chat_template`, so training,
+# inference, the app and outside tools (`tokenizer.apply_chat_template`) all build byte-identical prompts. The words
+# are the original recipe's; turns are joined by one space; every assistant turn ends with EOS, and the
+# {% generation %} block (the assistant's text and its EOS) is what the loss covers, so the model learns to stop.
+# The generation prompt ends at "### Assistant:" with no trailing space: in training the reply's first token carries
+# the space (" Hello"), so the prompt must stop exactly where that token starts.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if not loop.first %}{{ ' ' }}{% endif -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{ '### Human: ' + message['content'] }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{ '### Assistant:' }}{% generation %}{{ ' ' + message['content'] + eos_token }}{% endgeneration %}"
+    "{%- else -%}"
+    "{{ raise_exception('Only user and assistant messages are supported, got: ' + message['role']) }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ (' ' if messages else '') + '### Assistant:' }}{%- endif -%}"
+)
+HUMAN, ASSISTANT = "### Human:", "### Assistant:"
+
+# The oasst1 columns this module reads (the Hub rows have 18; the rest are not needed to build conversations).
+ROW_COLUMNS = (
+    "message_id",
+    "parent_id",
+    "message_tree_id",
+    "text",
+    "role",
+    "lang",
+    "deleted",
+    "review_result",
+    "rank",
+)
+
+
+class DataError(ValueError):
+    """A problem with the user's data; the message says what and where."""
+
+
+@dataclass
+class Conversations:
+    """Examples ready for training, and how they were made."""
+
+    examples: list[dict]  # {"messages": [...], "id": last reply's message_id, "tree_id": ...}
+    loss_on: str  # "all": every assistant turn; "last": the final reply only
+    counts: Counter = field(default_factory=Counter)
+
+    def summary(self) -> str:
+        c = self.counts
+        if "messages" not in c:
+            return f"{len(self.examples)} conversations"
+        return (
+            f"{c['messages']} messages: removed {c['deleted']} deleted, {c['rejected']} rejected in review, "
+            f"{c['other_language']} in other languages, {c['orphaned']} orphaned (parent missing or removed); "
+            f"kept {c['kept']} -> {len(self.examples)} examples"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading sources
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    records = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{number}: not valid JSON ({e.msg}).") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text; convert it (e.g. iconv -t utf-8) and try again.") from None
+    return records
+
+
+def flatten_trees(trees: list[dict]) -> list[dict]:
+    """An oasst1 trees export -> one row per message, as in the Hub data set."""
+    rows = []
+    for tree in trees:
+        tree_id = tree.get("message_tree_id")
+        stack = [tree["prompt"]]
+        while stack:
+            message = stack.pop()
+            rows.append({**{k: v for k, v in message.items() if k != "replies"}, "message_tree_id": tree_id})
+            stack.extend(reversed(message.get("replies", [])))
+    return rows
+
+
+def parse_text_line(line: str) -> list[dict]:
+    """'### Human: hi ### Assistant: hello ### Human: ...' -> messages."""
+    parts = re.split(r"(### Human:|### Assistant:)", line)
+    if parts[0].strip() or len(parts) < 3:
+        raise ValueError(f"expected text starting with '{HUMAN}'")
+    return [
+        {"role": "user" if marker == HUMAN else "assistant", "content": text.strip()}
+        for marker, text in zip(parts[1::2], parts[2::2], strict=True)
+    ]
+
+
+def clean_messages(messages: list[dict]) -> list[dict]:
+    """Validate a user's conversation: alternating user/assistant turns from a user turn, ending with the assistant."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("'messages' must be a non-empty list")
+    out = []
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise ValueError('each message needs a "role" and a string "content"')
+        role = message.get("role")
+        if role not in ("user", "assistant"):
+            raise ValueError(f"role {role!r} is not supported (only user and assistant, as in the template)")
+        expected = "user" if len(out) % 2 == 0 else "assistant"
+        if role != expected:
+            raise ValueError(f"message {len(out) + 1} should be from the {expected} (turns must alternate)")
+        out.append({"role": role, "content": message["content"].strip()})
+    if out[-1]["role"] == "user":
+        out.pop()  # a trailing question has no answer to learn from
+    if not out:
+        raise ValueError("no assistant reply")
+    return out
+
+
+def user_conversations(records: list, path: Path) -> list[dict]:
+    """Users' own data: {"messages": [...]} records or "### Human: ... ### Assistant: ..." text lines."""
+    examples = []
+    for number, record in enumerate(records, start=1):
+        try:
+            if isinstance(record, dict) and "messages" in record:
+                messages = clean_messages(record["messages"])
+            elif isinstance(record, dict) and isinstance(record.get("text"), str):
+                messages = clean_messages(parse_text_line(record["text"]))
+            elif isinstance(record, str):
+                messages = clean_messages(parse_text_line(record))
+            else:
+                raise ValueError('expected {"messages": [...]}, {"text": "### Human: ..."} or a text line')
+        except ValueError as e:
+            raise DataError(f"{path}: example {number}: {e}.") from None
+        example_id = str(record.get("id", f"line-{number}")) if isinstance(record, dict) else f"line-{number}"
+        examples.append({"messages": messages, "id": example_id, "tree_id": example_id})
+    return examples
+
+
+def load_hub_rows(split: str) -> list[dict]:
+    try:
+        from datasets import load_dataset
+
+        dataset = load_dataset(HUB_DATASET, split=split)
+    except Exception as e:  # the Hub raises many kinds (offline, missing split, auth); all mean "can't load it"
+        raise DataError(
+            f"cannot load {HUB_DATASET} split {split!r} from the Hugging Face Hub ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}). Without network, pass a local file with --dataset."
+        ) from None
+    return dataset.select_columns(list(ROW_COLUMNS)).to_list()
+
+
+def read_source(source: str, split: str = "train") -> tuple[str, list]:
+    """Returns ("oasst", rows) or ("user", conversations) for a Hub name or a local path."""
+    if source in ("hub", HUB_DATASET):
+        return "oasst", load_hub_rows(split)
+    path = Path(source)
+    if not path.is_file():
+        raise DataError(f"data file not found: {source} (pass a local file, or 'hub' for {HUB_DATASET}).")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow raises several error types for a corrupt file
+            raise DataError(f"{path}: not a readable parquet file ({e}).") from None
+        return "oasst", table.select([c for c in ROW_COLUMNS if c in table.column_names]).to_pylist()
+    if path.suffix in (".txt", ".text"):
+        try:
+            lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            raise DataError(f"{path} is not UTF-8 text; convert it (e.g. iconv -t utf-8) and try again.") from None
+        return "user", user_conversations(lines, path)
+    records = read_jsonl(path)
+    if not records:
+        raise DataError(f"{path} holds no records.")
+    first = records[0]
+    if not isinstance(first, dict):
+        raise DataError(f"{path}:1: expected a JSON object per line.")
+    if "prompt" in first and "message_tree_id" in first:
+        return "oasst", flatten_trees(records)
+    if "message_id" in first:
+        missing = [c for c in ("message_id", "text", "role") if c not in first]
+        if missing:
+            raise DataError(f"{path}: rows lack the oasst1 columns {', '.join(missing)}.")
+        return "oasst", records
+    return "user", user_conversations(records, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# oasst1 rows -> conversations
+
+
+def filter_messages(rows: list[dict], langs: list[str]) -> tuple[dict[str, dict], Counter]:
+    """Keep reviewed, undeleted messages in `langs` whose whole ancestry is kept; count what each filter removed."""
+    counts = Counter(messages=len(rows))
+    for name in ("deleted", "rejected", "other_language", "orphaned"):
+        counts[name] = 0
+    candidates = {}
+    for number, row in enumerate(rows, start=1):
+        try:
+            message_id, role, text = row["message_id"], row["role"], row["text"]
+        except KeyError as e:
+            raise DataError(f"row {number} lacks the oasst1 column {e}.") from None
+        if row.get("deleted"):
+            counts["deleted"] += 1
+        elif row.get("review_result") is False:
+            counts["rejected"] += 1
+        elif langs and row.get("lang") not in langs:
+            counts["other_language"] += 1
+        elif role in ("prompter", "assistant") and isinstance(text, str):
+            candidates[message_id] = row
+    # A message whose parent is missing from the split (or was removed above) has no context: skip its subtree.
+    reaches_root: dict[str, bool] = {}
+    for message_id in candidates:
+        chain, current = [], message_id
+        while True:
+            if current is None:
+                ok = True
+                break
+            if current in reaches_root:
+                ok = reaches_root[current]
+                break
+            if current not in candidates:
+                ok = False
+                break
+            chain.append(current)
+            current = candidates[current].get("parent_id")
+        for link in chain:
+            reaches_root[link] = ok
+    kept = {message_id: row for message_id, row in candidates.items() if reaches_root[message_id]}
+    counts["orphaned"] = len(candidates) - len(kept)
+    counts["kept"] = len(kept)
+    return kept, counts
+
+
+def as_message(row: dict) -> dict:
+    return {"role": "user" if row["role"] == "prompter" else "assistant", "content": row["text"].strip()}
+
+
+def best_reply(replies: list[dict]) -> dict:
+    """The best-ranked reply: lowest rank, unranked last, ties to the smallest message_id."""
+    return min(replies, key=lambda r: (r.get("rank") is None, r.get("rank") or 0, r["message_id"]))
+
+
+class Tree:
+    """Kept oasst1 messages with their children, in a deterministic order."""
+
+    def __init__(self, kept: dict[str, dict]):
+        self.kept = kept
+        self.children: dict[str, list[dict]] = {}
+        self.roots = []
+        for row in kept.values():
+            parent = row.get("parent_id")
+            if parent is None:
+                if row["role"] == "prompter":
+                    self.roots.append(row)
+            else:
+                self.children.setdefault(parent, []).append(row)
+        self._turns: dict[str, int] = {}
+
+    def replies(self, row: dict, role: str) -> list[dict]:
+        return [r for r in self.children.get(row["message_id"], ()) if r["role"] == role]
+
+    def best_turns(self, row: dict) -> int:
+        """Assistant turns on the best path that starts at `row` (memoized)."""
+        key = row["message_id"]
+        if key not in self._turns:
+            if row["role"] == "prompter":
+                answers = self.replies(row, "assistant")
+                self._turns[key] = 1 + self.best_turns(best_reply(answers)) if answers else 0
+            else:
+                self._turns[key] = max((self.best_turns(r) for r in self.replies(row, "prompter")), default=0)
+        return self._turns[key]
+
+    def best_path(self, root: dict) -> list[dict]:
+        path, node = [root], root
+        while True:
+            if node["role"] == "prompter":
+                answers = self.replies(node, "assistant")
+                if not answers:
+                    break
+                node = best_reply(answers)
+            else:
+                follow_ups = [r for r in self.replies(node, "prompter") if self.best_turns(r) > 0]
+                if not follow_ups:
+                    break
+                node = min(follow_ups, key=lambda r: (-self.best_turns(r), r["message_id"]))
+            path.append(node)
+        if path[-1]["role"] == "prompter":
+            path.pop()  # a conversation ends with the assistant
+        return path
+
+    def ancestors(self, row: dict) -> list[dict]:
+        path = [row]
+        while path[-1].get("parent_id") is not None:
+            path.append(self.kept[path[-1]["parent_id"]])
+        return path[::-1]
+
+
+def best_path_conversations(tree: Tree) -> list[dict]:
+    examples = []
+    for root in tree.roots:
+        path = tree.best_path(root)
+        if len(path) >= 2:
+            examples.append(
+                {"messages": [as_message(r) for r in path], "id": path[-1]["message_id"], "tree_id": tree_id(root)}
+            )
+    return examples
+
+
+def reply_examples(tree: Tree) -> list[dict]:
+    examples = []
+    for root in tree.roots:
+        stack = [root]
+        while stack:  # depth-first, children in message_id order, so the output order is stable
+            node = stack.pop()
+            answers = tree.replies(node, "assistant") if node["role"] == "prompter" else []
+            if answers:
+                reply = best_reply(answers)
+                path = tree.ancestors(reply)
+                examples.append(
+                    {"messages": [as_message(r) for r in path], "id": reply["message_id"], "tree_id": tree_id(root)}
+                )
+            stack.extend(
+                sorted(tree.children.get(node["message_id"], ()), key=lambda r: r["message_id"], reverse=True)
+            )
+    return examples
+
+
+def tree_id(root: dict) -> str:
+    return root.get("message_tree_id") or root["message_id"]
+
+
+def load_conversations(
+    source: str, split: str = "train", policy: str = "best", langs: list[str] | None = None
+) -> Conversations:
+    """Read a source and turn it into training examples; logs what each filter removed."""
+    if policy not in ("best", "replies"):
+        raise DataError(f"unknown policy {policy!r}: choose best or replies.")
+    kind, records = read_source(source, split)
+    if kind == "user":
+        if policy == "replies":
+            logger.warning("--policy replies applies to oasst1 data; your conversations are used whole.")
+        return Conversations(records, loss_on="all", counts=Counter(conversations=len(records)))
+    kept, counts = filter_messages(records, langs or [])
+    tree = Tree(kept)
+    if policy == "best":
+        examples, loss_on = best_path_conversations(tree), "all"
+    else:
+        examples, loss_on = reply_examples(tree), "last"
+    conversations = Conversations(examples, loss_on, counts)
+    logger.info("%s (%s): %s", source, policy, conversations.summary())
+    if not examples:
+        raise DataError(f"no examples left from {source}: {conversations.summary()}.")
+    return conversations
+
+
+def split_by_tree(examples: list[dict], eval_fraction: float) -> tuple[list[dict], list[dict]]:
+    """Hold out round(fraction x trees) whole trees, chosen by a hash of their id (stable across runs)."""
+    if eval_fraction <= 0:
+        return examples, []
+    trees = sorted({e["tree_id"] for e in examples}, key=lambda t: hashlib.sha256(t.encode()).hexdigest())
+    held_out = set(trees[: max(1, round(eval_fraction * len(trees)))])
+    return [e for e in examples if e["tree_id"] not in held_out], [e for e in examples if e["tree_id"] in held_out]
+
+
+def to_training_records(conversations: Conversations) -> list[dict]:
+    """Rows for TRL's SFTTrainer: conversational `messages` (loss on all assistant turns), or prompt/completion
+    (loss on the completion, i.e. the final reply, only)."""
+    if conversations.loss_on == "all":
+        return [{"messages": e["messages"]} for e in conversations.examples]
+    return [{"prompt": e["messages"][:-1], "completion": e["messages"][-1:]} for e in conversations.examples]
+
+
+def format_text(messages: list[dict], eos_token: str = "") -> str:
+    """Render the chat template as text (without special tokens by default), exactly as the tokenizer does."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    rendered, _ = render_jinja_template(conversations=[messages], chat_template=CHAT_TEMPLATE, eos_token=eos_token)
+    return rendered[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI: preview and export
+
+
+@dataclass
+class ExportArguments:
+    out: str = field(default="conversations.jsonl", metadata={"help": "Where to write the examples (jsonl)."})
+
+
+def main(args: list[str] | None = None) -> Conversations:
+    from transformers import HfArgumentParser
+
+    from config import DataArguments, fail
+
+    try:
+        data_args, export_args = HfArgumentParser((DataArguments, ExportArguments)).parse_args_into_dataclasses(args)
+    except ValueError as e:
+        fail(str(e))
+    try:
+        conversations = load_conversations(
+            data_args.dataset, data_args.dataset_split, data_args.policy, data_args.lang_list
+        )
+    except DataError as e:
+        fail(str(e))
+    out = Path(export_args.out)
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            for e in conversations.examples:
+                record = {"messages": e["messages"], "text": format_text(e["messages"]), "id": e["id"]}
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        tmp.replace(out)  # never leave a half-written file under the real name
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        fail(f"cannot write {out}: {e.strerror}.")
+    print(f"{conversations.summary()}; loss on {conversations.loss_on} assistant turns; wrote {out}")
+    return conversations
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    main()

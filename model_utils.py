@@ -1,0 +1,192 @@
+"""Load the tokenizer and model, build the trainer, find checkpoints and adapters, generate replies.
+
+Written once and imported by train.py, inference.py and app.py, so all three load and prompt the same way.
+"""
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from config import GenerationArguments, ModelArguments, QuantizationArguments
+from data_utils import CHAT_TEMPLATE
+from quantization_utils import build_bnb_config, compute_dtype
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+class ModelError(ValueError):
+    """A model, adapter or checkpoint that cannot be used; the message says what to do."""
+
+
+def load_tokenizer(
+    name_or_path: str, revision: str | None = None, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
+    """The base model's tokenizer with our conversation template installed as its chat_template."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ModelError(unreachable_model_message(name_or_path, e)) from None
+    if tokenizer.eos_token is None:
+        raise ModelError(f"the tokenizer of {name_or_path} has no EOS token; the template needs one to end replies.")
+    if tokenizer.pad_token is None:
+        # Phi-2 has no pad token. Reusing EOS is safe here: TRL's collator builds labels from each example's own
+        # length, not by comparing ids with the pad id, so the EOS that ends a reply is still trained.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def unreachable_model_message(name_or_path: str, error: Exception) -> str:
+    if Path(name_or_path).exists() or "/" not in name_or_path or name_or_path.startswith((".", "/")):
+        return f"cannot load a model from {name_or_path}: {str(error).splitlines()[0]}"
+    return (
+        f"cannot download {name_or_path} from the Hugging Face Hub (no network?). Download it where there is one "
+        f"(huggingface-cli download {name_or_path} --local-dir DIR) and pass --model DIR."
+    )
+
+
+def device_map() -> dict[str, int | str]:
+    """bitsandbytes needs the whole model on one device; under torchrun each process takes its own GPU."""
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return {"": "cpu"}
+
+
+def load_model(
+    model_args: ModelArguments, quant_args: QuantizationArguments, trust_remote_code: bool = False
+) -> PreTrainedModel:
+    """The base model: 4-bit nf4 when quantization is on, in the compute dtype otherwise; sdpa attention."""
+    if trust_remote_code:
+        logger.warning("--trust_remote_code runs Python code shipped with the model. Use it only for sources you trust.")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_args.model_name_or_path,
+            revision=model_args.model_revision,
+            quantization_config=build_bnb_config(quant_args),
+            dtype=compute_dtype(quant_args),
+            attn_implementation=model_args.attn_implementation,
+            device_map=device_map(),
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,  # pickled .bin weights can run code when loaded
+        )
+    except OSError as e:
+        raise ModelError(unreachable_model_message(model_args.model_name_or_path, e)) from None
+    return model
+
+
+def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset=None, peft_config=None):
+    """TRL's SFTTrainer: it tokenizes with the chat template, masks everything but assistant turns (and their EOS)
+    from the loss, wraps the model in the LoRA adapter and runs the loop."""
+    from peft import prepare_model_for_kbit_training
+    from trl import SFTTrainer
+
+    if getattr(model, "is_loaded_in_4bit", False):
+        # Norms and embeddings to float32 for stable training; TRL then makes the LoRA weights bf16 as in the paper.
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=training_args.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    return SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints and adapters
+
+
+def checkpoint_step(path: Path) -> int:
+    match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+    return int(match.group(1)) if match else -1
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """The Trainer writes trainer_state.json after the weights: without both, the save was cut short."""
+    return (path / ADAPTER_FILE).is_file() and (path / "trainer_state.json").is_file()
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete `checkpoint-N` folder in output_dir, or None."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    checkpoints = [p for p in folder.iterdir() if p.is_dir() and checkpoint_step(p) >= 0]
+    complete = [p for p in checkpoints if is_complete_checkpoint(p)]
+    for skipped in set(checkpoints) - set(complete):
+        logger.warning("Skipping %s: it is incomplete (a save was interrupted).", skipped)
+    return max(complete, key=checkpoint_step, default=None)
+
+
+def find_adapter(path: str | Path) -> Path:
+    """The final adapter in `path`, else its latest checkpoint."""
+    folder = Path(path)
+    if (folder / "adapter_config.json").is_file():
+        return folder
+    checkpoint = latest_checkpoint(folder)
+    if checkpoint is not None:
+        logger.info("No final adapter in %s: using %s.", folder, checkpoint)
+        return checkpoint
+    if not folder.exists():
+        raise ModelError(f"no adapter at {folder}: train one with `python train.py`, or pass --adapter DIR.")
+    raise ModelError(f"{folder} holds no LoRA adapter (adapter_config.json) and no checkpoint.")
+
+
+def load_chat_model(
+    adapter: str | Path | None,
+    base: str | None = None,
+    quant_args: QuantizationArguments | None = None,
+    attn_implementation: str = "sdpa",
+):
+    """Base model (+ LoRA adapter unless `adapter` is None) and the tokenizer, ready for generation."""
+    from peft import PeftConfig, PeftModel
+
+    quant_args = quant_args or QuantizationArguments()
+    adapter_dir = find_adapter(adapter) if adapter is not None else None
+    if adapter_dir is not None:
+        base = base or PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
+    if base is None:
+        raise ModelError("no base model: pass --base MODEL.")
+    has_tokenizer = adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(str(adapter_dir) if has_tokenizer else base)
+    model = load_model(ModelArguments(model_name_or_path=base, attn_implementation=attn_implementation), quant_args)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    model.eval()
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> torch.Tensor:
+    """The conversation so far, ending with '### Assistant:', as the model saw it in training."""
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+
+
+@torch.inference_mode()
+def generate_reply(model, tokenizer, messages: list[dict], gen_args: GenerationArguments, streamer=None) -> str:
+    """The assistant's next reply: generation stops at EOS, and the reply is cut from the output by token position."""
+    if gen_args.seed is not None:
+        torch.manual_seed(gen_args.seed)
+    inputs = prompt_ids(tokenizer, messages).to(model.device)
+    output = model.generate(
+        **inputs,
+        **gen_args.generate_kwargs(),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        streamer=streamer,
+    )
+    return tokenizer.decode(output[0][inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()

@@ -1,0 +1,111 @@
+"""Fine-tune a causal LM on oasst1 conversations with QLoRA (4-bit nf4 base + LoRA adapter).
+
+    python train.py                                          # Phi-2 on OpenAssistant/oasst1 (GPU, Hub access)
+    python train.py --config configs/phi2_oasst1.yaml --max_steps 100
+    python train.py --config configs/tiny_cpu.yaml           # a small run on CPU, no network
+    python train.py --resume                                 # continue from the latest checkpoint in model/
+    python train.py --help                                   # every setting, with its reason
+
+Writes to --output_dir (model/ by default): checkpoint-N/ folders while training, then the final LoRA adapter, the
+tokenizer with its chat template, and run_config.yaml (every setting of this run; pass it back with --config).
+"""
+
+import logging
+import sys
+from dataclasses import asdict
+
+import yaml
+
+from config import ConfigError, fail, parse_train_args
+from data_utils import DataError, load_conversations, split_by_tree, to_training_records
+
+logger = logging.getLogger(__name__)
+
+HUB_NAMES = ("hub", "OpenAssistant/oasst1")
+
+
+def load_data(data_args):
+    """Training and held-out conversations, as rows for the trainer (held-out may be None)."""
+    langs = data_args.lang_list
+    train = load_conversations(data_args.dataset, data_args.dataset_split, data_args.policy, langs)
+    held_out = None
+    if data_args.eval_dataset:
+        held_out = load_conversations(data_args.eval_dataset, "train", data_args.policy, langs)
+    elif data_args.dataset in HUB_NAMES and data_args.eval_split:
+        held_out = load_conversations(data_args.dataset, data_args.eval_split, data_args.policy, langs)
+    elif data_args.eval_fraction > 0:
+        train.examples, held_out_examples = split_by_tree(train.examples, data_args.eval_fraction)
+        held_out = type(train)(held_out_examples, train.loss_on)
+        logger.info("Held out %d examples by tree; %d left for training.", len(held_out.examples), len(train.examples))
+    return train, held_out
+
+
+def main(args: list[str] | None = None):
+    # Heavy imports here, so `--help` and argument errors answer at once.
+    try:
+        model_args, quant_args, lora_args, data_args, training_args = parse_train_args(args)
+    except (ConfigError, ValueError) as e:
+        fail(str(e))
+
+    from datasets import Dataset
+    from transformers import set_seed
+
+    from adapter_utils import build_lora_config
+    from model_utils import ModelError, build_trainer, latest_checkpoint, load_model, load_tokenizer
+
+    set_seed(training_args.seed)
+    resume_from = None
+    if training_args.resume:
+        resume_from = latest_checkpoint(training_args.output_dir)
+        if resume_from is None:
+            fail(f"--resume: no complete checkpoint in {training_args.output_dir}; run without --resume to start.")
+        logger.info("Resuming from %s", resume_from)
+
+    # 1. Data: oasst1 (or your conversations) -> examples in the conversation template.
+    try:
+        train_data, eval_data = load_data(data_args)
+    except DataError as e:
+        fail(str(e))
+
+    # 2. Tokenizer (with the template as its chat_template) and the 4-bit base model.
+    try:
+        tokenizer = load_tokenizer(
+            model_args.model_name_or_path, model_args.model_revision, training_args.trust_remote_code
+        )
+        model = load_model(model_args, quant_args, training_args.trust_remote_code)
+    except ModelError as e:
+        fail(str(e))
+
+    # 3. Trainer: SFTTrainer tokenizes, masks the loss to assistant turns, and adds the LoRA adapter.
+    trainer = build_trainer(
+        model,
+        tokenizer,
+        training_args,
+        train_dataset=Dataset.from_list(to_training_records(train_data)),
+        eval_dataset=Dataset.from_list(to_training_records(eval_data)) if eval_data else None,
+        peft_config=build_lora_config(lora_args, model.config.model_type),
+    )
+    trainer.model.print_trainable_parameters()
+
+    # 4. Train (progress bar and loss lines come from the Trainer).
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+
+    # 5. Save the adapter, the tokenizer with its chat template, and every setting of this run.
+    trainer.save_model(training_args.output_dir)
+    tokenizer.save_pretrained(training_args.output_dir)
+    run_config = {
+        **asdict(model_args),
+        **asdict(quant_args),
+        **asdict(lora_args),
+        **asdict(data_args),
+        **{k: v for k, v in training_args.to_dict().items() if not k.startswith("_")},
+    }
+    with open(f"{training_args.output_dir}/run_config.yaml", "w") as f:
+        yaml.safe_dump(run_config, f, sort_keys=False)
+    logger.info("Saved the adapter to %s (train loss %.4f).", training_args.output_dir, result.training_loss)
+    return trainer, result
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    main()
