@@ -6,8 +6,8 @@ from config import PHI_LORA_TARGETS, LoraArguments
 
 
 def lora_target_modules(spec: str, model_type: str) -> list[str] | str:
-    """'auto': Phi's attention and MLP projections on Phi models; on other architectures every linear layer except
-    the output head (peft's 'all-linear'), so --model can name any causal LM. Otherwise a comma list or 'all-linear'."""
+    """'auto': Phi's attention and MLP projections on Phi models; on other architectures every linear layer but
+    the output head (peft's 'all-linear'), so --model can name any causal LM. Else a comma list or 'all-linear'."""
     if spec == "auto":
         spec = PHI_LORA_TARGETS if model_type == "phi" else "all-linear"
     if spec == "all-linear":

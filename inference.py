@@ -38,11 +38,9 @@ def main(args: list[str] | None = None) -> str:
         fail(str(e))
     prompt = extra.prompt.strip()
     if not prompt:
-        fail("the prompt is empty: pass some text, e.g. python inference.py \"Hello\".")
+        fail('the prompt is empty: pass some text, e.g. python inference.py "Hello".')
 
-    from transformers import TextStreamer
-
-    from model_utils import ModelError, generate_reply, load_chat_model
+    from model_utils import ModelError, generate_reply, load_chat_model, reply_streamer
 
     try:
         model, tokenizer = load_chat_model(
@@ -50,8 +48,8 @@ def main(args: list[str] | None = None) -> str:
         )
     except ModelError as e:
         fail(str(e))
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    return generate_reply(model, tokenizer, [{"role": "user", "content": prompt}], gen_args, streamer=streamer)
+    messages = [{"role": "user", "content": prompt}]
+    return generate_reply(model, tokenizer, messages, gen_args, streamer=reply_streamer(tokenizer))
 
 
 if __name__ == "__main__":

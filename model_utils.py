@@ -63,7 +63,9 @@ def load_model(
 ) -> PreTrainedModel:
     """The base model: 4-bit nf4 when quantization is on, in the compute dtype otherwise; sdpa attention."""
     if trust_remote_code:
-        logger.warning("--trust_remote_code runs Python code shipped with the model. Use it only for sources you trust.")
+        logger.warning(
+            "--trust_remote_code runs Python code shipped with the model. Use it only for sources you trust."
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_args.model_name_or_path,
@@ -169,6 +171,22 @@ def load_chat_model(
 
 # ---------------------------------------------------------------------------------------------------------------
 # Generation
+
+
+def reply_streamer(tokenizer, **kwargs):
+    """A TextStreamer that prints only the reply, without the space the template puts after '### Assistant:'."""
+    from transformers import TextStreamer
+
+    class ReplyStreamer(TextStreamer):
+        started = False
+
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            if not self.started:
+                text = text.lstrip()
+                self.started = bool(text)
+            super().on_finalized_text(text, stream_end)
+
+    return ReplyStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, **kwargs)
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> torch.Tensor:

@@ -1,0 +1,276 @@
+"""oasst1 -> conversations, on the real 100-tree sample."""
+
+import json
+from collections import Counter
+
+import pytest
+
+from data_utils import (
+    DataError,
+    best_reply,
+    flatten_trees,
+    format_text,
+    load_conversations,
+    read_jsonl,
+    split_by_tree,
+    to_training_records,
+)
+
+
+@pytest.fixture(scope="module")
+def trees(sample_path):
+    return read_jsonl(sample_path)
+
+
+@pytest.fixture(scope="module")
+def rows(trees):
+    return flatten_trees(trees)
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def all_texts(conversations):
+    return [m["content"] for e in conversations.examples for m in e["messages"]]
+
+
+def test_sample_counts_per_policy(sample_path, rows):
+    assert len(rows) == 1167  # as SOURCE.md says
+    best = load_conversations(str(sample_path), policy="best")
+    replies = load_conversations(str(sample_path), policy="replies")
+    # best: one conversation per tree; 55 trees end after one exchange, 45 go on to a second one.
+    assert len(best.examples) == 100
+    assert Counter(len(e["messages"]) for e in best.examples) == {2: 55, 4: 45}
+    assert best.loss_on == "all"
+    # replies: one example per prompter message that has at least one assistant reply.
+    answered = {r.get("parent_id") for r in rows if r["role"] == "assistant"}
+    expected = sum(1 for r in rows if r["role"] == "prompter" and r["message_id"] in answered)
+    assert len(replies.examples) == expected == 254
+    assert replies.loss_on == "last"
+    assert best.counts["kept"] == 1167 and best.counts["orphaned"] == 0
+
+
+def test_roles_alternate_and_end_with_assistant(sample_path):
+    for policy in ("best", "replies"):
+        for example in load_conversations(str(sample_path), policy=policy).examples:
+            roles = [m["role"] for m in example["messages"]]
+            assert roles == ["user", "assistant"] * (len(roles) // 2), roles
+            assert all(m["content"] == m["content"].strip() and m["content"] for m in example["messages"])
+
+
+def test_best_policy_follows_the_best_ranked_replies(sample_path, rows):
+    by_id = {r["message_id"]: r for r in rows}
+    children = {}
+    for r in rows:
+        children.setdefault(r.get("parent_id"), []).append(r)
+    text_to_rows = {}
+    for r in rows:
+        text_to_rows.setdefault(r["text"].strip(), []).append(r)
+    best = load_conversations(str(sample_path), policy="best")
+    for example in best.examples:
+        last = by_id[example["id"]]
+        # Walk back from the last reply: every assistant on the path has the lowest rank among its siblings.
+        path = [last]
+        while path[-1].get("parent_id"):
+            path.append(by_id[path[-1]["parent_id"]])
+        path.reverse()
+        assert [r["text"].strip() for r in path] == [m["content"] for m in example["messages"]]
+        for message in path:
+            if message["role"] == "assistant":
+                siblings = [s for s in children[message["parent_id"]] if s["role"] == "assistant"]
+                ranked = [s["rank"] for s in siblings if s.get("rank") is not None]
+                if ranked:
+                    assert message.get("rank") == min(ranked)
+        # The conversation cannot be extended: the last reply has no follow-up that gets an answer.
+        follow_ups = [c for c in children.get(last["message_id"], []) if c["role"] == "prompter"]
+        assert not any(any(g["role"] == "assistant" for g in children.get(f["message_id"], [])) for f in follow_ups)
+
+
+def test_best_reply_rule():
+    replies = [
+        {"message_id": "c", "rank": None},
+        {"message_id": "b", "rank": 2},
+        {"message_id": "a", "rank": 1},
+        {"message_id": "d", "rank": 1},
+    ]
+    assert best_reply(replies)["message_id"] == "a"  # lowest rank, ties to the smallest id
+    assert best_reply([{"message_id": "z", "rank": None}, {"message_id": "y", "rank": None}])["message_id"] == "y"
+
+
+def test_replies_policy_context_and_target(sample_path, rows):
+    by_id = {r["message_id"]: r for r in rows}
+    replies = load_conversations(str(sample_path), policy="replies")
+    assert len({e["id"] for e in replies.examples}) == len(replies.examples)
+    for example in replies.examples:
+        reply = by_id[example["id"]]
+        assert reply["role"] == "assistant"
+        assert example["messages"][-1]["content"] == reply["text"].strip()
+        parent = by_id[reply["parent_id"]]
+        assert example["messages"][-2]["content"] == parent["text"].strip()
+    records = to_training_records(replies)
+    assert records[0]["completion"][0]["role"] == "assistant" and len(records[0]["completion"]) == 1
+    assert records[0]["prompt"] + records[0]["completion"] == replies.examples[0]["messages"]
+
+
+def test_rows_and_trees_give_identical_conversations(sample_path, rows, tmp_path):
+    hub_rows = []
+    for r in rows:  # the Hub's 18 columns, null where the trees export leaves a field out
+        row = {
+            k: r.get(k)
+            for k in (
+                "message_id",
+                "parent_id",
+                "user_id",
+                "created_date",
+                "text",
+                "role",
+                "lang",
+                "review_count",
+                "review_result",
+                "deleted",
+                "rank",
+                "synthetic",
+                "model_name",
+                "detoxify",
+                "message_tree_id",
+                "tree_state",
+                "emojis",
+                "labels",
+            )
+        }
+        row["emojis"] = {"name": list((r.get("emojis") or {}).keys()), "count": list((r.get("emojis") or {}).values())}
+        hub_rows.append(row)
+    hub_rows.reverse()  # row order must not matter
+    rows_jsonl = write_jsonl(tmp_path / "rows.jsonl", hub_rows)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(hub_rows), tmp_path / "rows.parquet")
+    for policy in ("best", "replies"):
+        from_trees = load_conversations(str(sample_path), policy=policy).examples
+        for source in (rows_jsonl, tmp_path / "rows.parquet"):
+            from_rows = load_conversations(str(source), policy=policy).examples
+            key = lambda e: e["id"]  # noqa: E731
+            assert sorted(from_rows, key=key) == sorted(from_trees, key=key)
+
+
+def test_filters_remove_deleted_rejected_other_languages_and_orphans(rows, tmp_path):
+    rows = [dict(r) for r in rows]
+    tree_ids = list(dict.fromkeys(r["message_tree_id"] for r in rows))
+    assistants = [r for r in rows if r["role"] == "assistant" and r.get("parent_id")]
+    deleted, rejected = assistants[0], assistants[5]
+    deleted["deleted"] = True
+    deleted["text"] = "DELETED-TEXT " + deleted["text"]
+    rejected["review_result"] = False
+    rejected["text"] = "REJECTED-TEXT " + rejected["text"]
+    for r in rows:  # one whole tree in German
+        if r["message_tree_id"] == tree_ids[3]:
+            r["lang"] = "de"
+    # Orphans: drop a second-level prompter message from the split; its replies lose their parent.
+    orphan_parent = next(
+        r
+        for r in rows
+        if r["role"] == "prompter"
+        and r.get("parent_id")
+        and r["message_tree_id"] not in (tree_ids[3], deleted["message_tree_id"], rejected["message_tree_id"])
+    )
+    descendants, frontier = set(), {orphan_parent["message_id"]}
+    while frontier:
+        frontier = {r["message_id"] for r in rows if r.get("parent_id") in frontier}
+        descendants |= frontier
+    assert descendants  # the test needs a subtree to orphan
+    rows = [r for r in rows if r["message_id"] != orphan_parent["message_id"]]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+
+    def subtree(root_id):
+        ids, frontier = set(), {root_id}
+        while frontier:
+            ids |= frontier
+            frontier = {r["message_id"] for r in rows if r.get("parent_id") in frontier}
+        return ids
+
+    german = sum(1 for r in rows if r["lang"] == "de")
+    for policy in ("best", "replies"):
+        result = load_conversations(str(path), policy=policy, langs=["en"])
+        counts = result.counts
+        assert counts["deleted"] == 1 and counts["rejected"] == 1 and counts["other_language"] == german
+        removed_below = (subtree(deleted["message_id"]) | subtree(rejected["message_id"])) - {
+            deleted["message_id"],
+            rejected["message_id"],
+        }
+        assert counts["orphaned"] == len(descendants) + len(removed_below)
+        assert counts["kept"] == len(rows) - 2 - german - counts["orphaned"]
+        texts = " ".join(all_texts(result))
+        assert "DELETED-TEXT" not in texts and "REJECTED-TEXT" not in texts
+        orphan_texts = {r["text"].strip() for r in rows if r["message_id"] in descendants}
+        assert not orphan_texts & set(all_texts(result))
+        assert not {r["text"].strip() for r in rows if r["lang"] == "de"} & set(all_texts(result))
+    # All languages (the default) keeps the German tree.
+    assert load_conversations(str(path)).counts["other_language"] == 0
+
+
+def test_no_examples_left_names_the_filters(sample_path):
+    with pytest.raises(DataError, match="in other languages"):
+        load_conversations(str(sample_path), langs=["fr"])
+
+
+def test_own_data_messages_and_text_lines(tmp_path):
+    messages = [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
+        {
+            "messages": [
+                {"role": "user", "content": "A"},
+                {"role": "assistant", "content": "B"},
+                {"role": "user", "content": "C"},
+                {"role": "assistant", "content": "D"},
+                {"role": "user", "content": "unanswered"},
+            ]
+        },
+    ]
+    result = load_conversations(str(write_jsonl(tmp_path / "mine.jsonl", messages)))
+    assert result.loss_on == "all"
+    assert [len(e["messages"]) for e in result.examples] == [2, 4]  # the unanswered question is dropped
+    lines = tmp_path / "mine.txt"
+    lines.write_text("### Human: Hi ### Assistant: Hello! ### Human: Bye ### Assistant: See you.\n", encoding="utf-8")
+    (example,) = load_conversations(str(lines)).examples
+    assert example["messages"] == [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "See you."},
+    ]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [messages[0], {"messages": [{"role": "system", "content": "x"}]}])
+    with pytest.raises(DataError, match="example 2: role 'system' is not supported"):
+        load_conversations(str(bad))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(messages[0]) + "\n{not json\n", encoding="utf-8")
+    with pytest.raises(DataError, match="broken.jsonl:2: not valid JSON"):
+        load_conversations(str(broken))
+
+
+def test_split_by_tree_is_disjoint_and_stable(sample_path):
+    examples = load_conversations(str(sample_path), policy="replies").examples
+    train, held_out = split_by_tree(examples, 0.1)
+    assert len({e["tree_id"] for e in held_out}) == 10
+    assert not {e["tree_id"] for e in train} & {e["tree_id"] for e in held_out}
+    assert len(train) + len(held_out) == len(examples)
+    assert split_by_tree(examples, 0.1) == (train, held_out)
+
+
+def test_export_cli(sample_path, tmp_path):
+    from data_utils import main
+
+    out = tmp_path / "conversations.jsonl"
+    main(["--input", str(sample_path), "--out", str(out), "--policy", "best", "--langs", "en"])
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(records) == 100
+    first = records[0]
+    assert set(first) == {"messages", "text", "id"}
+    assert first["id"] == "fa783ef0-4f4e-457d-b429-afd89edf8757"
+    human, assistant = first["messages"][0]["content"], first["messages"][1]["content"]
+    assert first["text"] == f"### Human: {human} ### Assistant: {assistant}"
+    for record in records:
+        assert record["text"] == format_text(record["messages"])
+        assert "<|endoftext|>" not in record["text"]

@@ -1,0 +1,105 @@
+"""One conversation template everywhere: training text, tokenizer chat_template, inference prompt, loss masks."""
+
+import pytest
+from datasets import Dataset
+
+from adapter_utils import build_lora_config
+from config import LoraArguments, ModelArguments, QuantizationArguments, TrainingConfig
+from data_utils import CHAT_TEMPLATE, Conversations, format_text, to_training_records
+from model_utils import build_trainer, load_model
+
+EOS = "<|endoftext|>"
+CONVERSATION = [
+    {"role": "user", "content": "How do I boil an egg?"},
+    {"role": "assistant", "content": "Put it in boiling water for 9 minutes."},
+    {"role": "user", "content": "And a soft one?"},
+    {"role": "assistant", "content": "About 6 minutes."},
+]
+OTHER = [
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello! What can I do for you today?"},
+]
+
+
+def test_chat_template_is_the_original_format_byte_for_byte(tokenizer):
+    expected = (
+        "### Human: How do I boil an egg? ### Assistant: Put it in boiling water for 9 minutes."
+        + EOS
+        + " ### Human: And a soft one? ### Assistant: About 6 minutes."
+        + EOS
+    )
+    assert tokenizer.chat_template == CHAT_TEMPLATE
+    assert tokenizer.apply_chat_template(CONVERSATION, tokenize=False) == expected
+    assert format_text(CONVERSATION, eos_token=EOS) == expected
+    assert format_text(CONVERSATION) == expected.replace(EOS, "")
+
+
+def test_inference_prompt_is_a_prefix_of_the_training_text(tokenizer):
+    full_text = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+    full_ids = tokenizer.apply_chat_template(CONVERSATION, return_dict=True)["input_ids"]
+    for turn in (1, 3):
+        prompt = tokenizer.apply_chat_template(CONVERSATION[:turn], tokenize=False, add_generation_prompt=True)
+        assert prompt.endswith("### Assistant:")
+        assert full_text.startswith(prompt)
+        prompt_ids = tokenizer.apply_chat_template(CONVERSATION[:turn], add_generation_prompt=True, return_dict=True)[
+            "input_ids"
+        ]
+        assert full_ids[: len(prompt_ids)] == prompt_ids  # also a prefix token by token
+
+
+def segments(tokenizer, conversation, trained_turns):
+    """Expected (ids, labels), built piece by piece: template markers and human turns masked, assistant text and
+    its EOS trained (only the assistant turns whose index is in trained_turns)."""
+    ids, labels = [], []
+    for index, message in enumerate(conversation):
+        separator = "" if index == 0 else " "
+        if message["role"] == "user":
+            pieces = [(separator + "### Human: " + message["content"], False)]
+        else:
+            pieces = [(separator + "### Assistant:", False), (" " + message["content"], index in trained_turns)]
+        for text, trained in pieces:
+            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += piece
+            labels += piece if trained else [-100] * len(piece)
+        if message["role"] == "assistant":
+            ids.append(tokenizer.eos_token_id)
+            labels.append(tokenizer.eos_token_id if index in trained_turns else -100)
+    return ids, labels
+
+
+@pytest.fixture
+def model(tiny_phi):
+    return load_model(ModelArguments(model_name_or_path=str(tiny_phi)), QuantizationArguments(load_in_4bit=True))
+
+
+def prepared_batch(model, tokenizer, tmp_path, loss_on):
+    args = TrainingConfig(output_dir=str(tmp_path), max_length=512, report_to="none", max_steps=1)
+    records = to_training_records(Conversations([{"messages": CONVERSATION}, {"messages": OTHER}], loss_on))
+    lora = build_lora_config(LoraArguments(lora_r=8), model.config.model_type)
+    trainer = build_trainer(model, tokenizer, args, Dataset.from_list(records), peft_config=lora)
+    dataset = trainer.train_dataset
+    return trainer.data_collator([dataset[0], dataset[1]])
+
+
+def test_labels_mask_human_turns_and_train_every_assistant_turn_with_eos(model, tokenizer, tmp_path):
+    batch = prepared_batch(model, tokenizer, tmp_path, loss_on="all")
+    for row, (conversation, trained) in enumerate([(CONVERSATION, {1, 3}), (OTHER, {1})]):
+        ids, labels = segments(tokenizer, conversation, trained)
+        n = len(ids)
+        assert batch["input_ids"][row, :n].tolist() == ids
+        assert batch["labels"][row, :n].tolist() == labels
+        # Padding (the pad token is EOS here) is masked, the EOS that ends each reply is not.
+        assert (batch["labels"][row, n:] == -100).all()
+        eos_positions = [i for i, t in enumerate(ids) if t == tokenizer.eos_token_id]
+        assert len(eos_positions) == len(trained)
+        assert all(batch["labels"][row, i] == tokenizer.eos_token_id for i in eos_positions)
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+
+
+def test_replies_policy_trains_the_final_reply_only(model, tokenizer, tmp_path):
+    batch = prepared_batch(model, tokenizer, tmp_path, loss_on="last")
+    ids, labels = segments(tokenizer, CONVERSATION, {3})
+    assert batch["input_ids"][0, : len(ids)].tolist() == ids
+    assert batch["labels"][0, : len(ids)].tolist() == labels
+    trained = [t for t in labels if t != -100]
+    assert tokenizer.decode(trained) == " About 6 minutes." + EOS
