@@ -404,6 +404,27 @@ def split_by_tree(examples: list[dict], eval_fraction: float) -> tuple[list[dict
     return [e for e in examples if e["tree_id"] not in held_out], [e for e in examples if e["tree_id"] in held_out]
 
 
+def load_train_and_eval(data_args) -> tuple[Conversations, Conversations | None]:
+    """Training and held-out conversations for a run's DataArguments (held-out: None when there is none)."""
+    langs = data_args.lang_list
+    train = load_conversations(data_args.dataset, data_args.dataset_split, data_args.policy, langs)
+    held_out = None
+    if data_args.eval_dataset:
+        held_out = load_conversations(data_args.eval_dataset, "train", data_args.policy, langs)
+    elif data_args.dataset in ("hub", HUB_DATASET) and data_args.eval_split:
+        held_out = load_conversations(data_args.dataset, data_args.eval_split, data_args.policy, langs)
+    elif data_args.eval_fraction > 0:
+        train.examples, held_out_examples = split_by_tree(train.examples, data_args.eval_fraction)
+        held_out = Conversations(held_out_examples, train.loss_on)
+        logger.info(
+            "Held out %d trees (%d examples); %d examples left for training.",
+            len({e["tree_id"] for e in held_out_examples}),
+            len(held_out_examples),
+            len(train.examples),
+        )
+    return train, held_out
+
+
 def to_training_records(conversations: Conversations) -> list[dict]:
     """Rows for TRL's SFTTrainer: conversational `messages` (loss on all assistant turns), or prompt/completion
     (loss on the completion, i.e. the final reply, only)."""

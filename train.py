@@ -17,33 +17,16 @@ from dataclasses import asdict
 import yaml
 
 from config import ConfigError, fail, parse_train_args
-from data_utils import DataError, load_conversations, split_by_tree, to_training_records
+from data_utils import DataError, load_train_and_eval, to_training_records
+from evaluate import describe_hardware
 
 logger = logging.getLogger(__name__)
-
-HUB_NAMES = ("hub", "OpenAssistant/oasst1")
-
-
-def load_data(data_args):
-    """Training and held-out conversations, as rows for the trainer (held-out may be None)."""
-    langs = data_args.lang_list
-    train = load_conversations(data_args.dataset, data_args.dataset_split, data_args.policy, langs)
-    held_out = None
-    if data_args.eval_dataset:
-        held_out = load_conversations(data_args.eval_dataset, "train", data_args.policy, langs)
-    elif data_args.dataset in HUB_NAMES and data_args.eval_split:
-        held_out = load_conversations(data_args.dataset, data_args.eval_split, data_args.policy, langs)
-    elif data_args.eval_fraction > 0:
-        train.examples, held_out_examples = split_by_tree(train.examples, data_args.eval_fraction)
-        held_out = type(train)(held_out_examples, train.loss_on)
-        logger.info("Held out %d examples by tree; %d left for training.", len(held_out.examples), len(train.examples))
-    return train, held_out
 
 
 def main(args: list[str] | None = None):
     # Heavy imports here, so `--help` and argument errors answer at once.
     try:
-        model_args, quant_args, lora_args, data_args, training_args = parse_train_args(args)
+        model_args, quant_args, lora_args, data_args, report_args, training_args = parse_train_args(args)
     except (ConfigError, ValueError) as e:
         fail(str(e))
 
@@ -63,7 +46,7 @@ def main(args: list[str] | None = None):
 
     # 1. Data: oasst1 (or your conversations) -> examples in the conversation template.
     try:
-        train_data, eval_data = load_data(data_args)
+        train_data, eval_data = load_train_and_eval(data_args)
     except DataError as e:
         fail(str(e))
 
@@ -90,19 +73,29 @@ def main(args: list[str] | None = None):
     # 4. Train (progress bar and loss lines come from the Trainer).
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
-    # 5. Save the adapter, the tokenizer with its chat template, and every setting of this run.
-    trainer.save_model(training_args.output_dir)
-    tokenizer.save_pretrained(training_args.output_dir)
+    # 5. Save the adapter, the tokenizer with its chat template, the loss history, and every setting of this run.
+    output_dir = training_args.output_dir
+    trainer.save_model(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    trainer.save_state()
+    trainer.save_metrics("train", {**result.metrics, "hardware": describe_hardware()}, combined=False)
     run_config = {
         **asdict(model_args),
         **asdict(quant_args),
         **asdict(lora_args),
         **asdict(data_args),
+        **asdict(report_args),
         **{k: v for k, v in training_args.to_dict().items() if not k.startswith("_")},
     }
-    with open(f"{training_args.output_dir}/run_config.yaml", "w") as f:
+    with open(f"{output_dir}/run_config.yaml", "w") as f:
         yaml.safe_dump(run_config, f, sort_keys=False)
-    logger.info("Saved the adapter to %s (train loss %.4f).", training_args.output_dir, result.training_loss)
+    logger.info("Saved the adapter to %s (train loss %.4f).", output_dir, result.training_loss)
+
+    # 6. Report: base vs tuned on the held-out data -> eval.json, loss.png, README.md (a model card).
+    if report_args.final_report and eval_data is not None:
+        import evaluate
+
+        evaluate.main(["--model_dir", output_dir])  # reloads the saved adapter: the figures are what users get
     return trainer, result
 
 

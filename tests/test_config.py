@@ -18,7 +18,7 @@ CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 def test_yaml_sets_defaults_and_cli_overrides(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("learning_rate: 0.001\nlora_r: 8\npolicy: replies\nmax_steps: 5\n")
-    model, quant, lora, data, training = parse_train_args(["--config", str(config), "--lora_r", "4"])
+    model, quant, lora, data, _, training = parse_train_args(["--config", str(config), "--lora_r", "4"])
     assert training.learning_rate == 0.001 and training.max_steps == 5
     assert data.policy == "replies"
     assert lora.lora_r == 4  # the flag wins over the file
@@ -47,13 +47,13 @@ def test_unknown_flag_is_one_clear_line_and_exit_2(tmp_path):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_shipped_config_parses(path):
-    model, quant, lora, data, training = parse_train_args(["--config", str(path)])
+    model, quant, lora, data, _, training = parse_train_args(["--config", str(path)])
     assert training.output_dir and training.max_steps > 0
     assert training.assistant_only_loss
 
 
 def test_default_run_is_the_fixed_original_recipe():
-    model, quant, lora, data, training = parse_train_args(["--config", str(ROOT / "configs" / "phi2_oasst1.yaml")])
+    model, quant, lora, data, _, training = parse_train_args(["--config", str(ROOT / "configs" / "phi2_oasst1.yaml")])
     defaults = parse_train_args([])
     for parsed in (model, quant, lora, data), defaults[:4]:
         m, q, lo, d = parsed
@@ -61,7 +61,7 @@ def test_default_run_is_the_fixed_original_recipe():
         assert (q.load_in_4bit, q.bnb_4bit_quant_type, q.bnb_4bit_use_double_quant) == (True, "nf4", True)
         assert (lo.lora_r, lo.lora_alpha, lo.lora_dropout) == (64, 16, 0.1)
         assert d.dataset == "OpenAssistant/oasst1" and d.policy == "best" and d.lang_list == []
-    for t in (training, defaults[4]):
+    for t in (training, defaults[5]):
         assert (t.learning_rate, t.max_grad_norm, t.warmup_steps, t.max_steps) == (2e-4, 0.3, 0.05, 700)
         assert (t.per_device_train_batch_size, t.gradient_accumulation_steps, t.max_length) == (4, 4, 512)
         assert not t.trust_remote_code
