@@ -124,6 +124,13 @@ class DataArguments:
             "loss on that reply only."
         },
     )
+    long_examples: Literal["truncate", "drop"] = field(
+        default="truncate",
+        metadata={
+            "help": "Examples longer than --max_length: truncate (keep the start, as the original recipe) or drop. "
+            "Truncation cuts the EOS that ends the reply, so on short budgets drop teaches the model to stop."
+        },
+    )
     langs: str = field(
         default="",
         metadata={"help": "Comma-separated language codes to keep (e.g. en,de). Empty: all languages."},

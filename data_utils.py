@@ -425,6 +425,25 @@ def load_train_and_eval(data_args) -> tuple[Conversations, Conversations | None]
     return train, held_out
 
 
+def drop_long_examples(conversations: Conversations, tokenizer, max_length: int | None) -> Conversations:
+    """Keep the examples whose templated text fits in max_length tokens (so their final EOS is trained)."""
+    if max_length is None:
+        return conversations
+    kept = [
+        e
+        for e in conversations.examples
+        if len(tokenizer.apply_chat_template(e["messages"], return_dict=True)["input_ids"]) <= max_length
+    ]
+    counts = Counter(conversations.counts)
+    counts["too_long"] = len(conversations.examples) - len(kept)
+    logger.info(
+        "Dropped %d of %d examples longer than %d tokens.", counts["too_long"], len(conversations.examples), max_length
+    )
+    if not kept:
+        raise DataError(f"every example is longer than --max_length {max_length}; raise it or use truncation.")
+    return Conversations(kept, conversations.loss_on, counts)
+
+
 def to_training_records(conversations: Conversations) -> list[dict]:
     """Rows for TRL's SFTTrainer: conversational `messages` (loss on all assistant turns), or prompt/completion
     (loss on the completion, i.e. the final reply, only)."""

@@ -250,7 +250,7 @@ def main(args: list[str] | None = None) -> dict:
     from transformers import HfArgumentParser
 
     from config import parse_train_args
-    from data_utils import DataError, load_train_and_eval
+    from data_utils import DataError, drop_long_examples, load_train_and_eval
     from model_utils import ModelError, load_chat_model
 
     try:
@@ -274,6 +274,9 @@ def main(args: list[str] | None = None) -> dict:
         )
     except ModelError as e:
         fail(str(e))
+    if data_args.long_examples == "drop":  # the same held-out set the trainer evaluated on
+        train_data = drop_long_examples(train_data, tokenizer, training_args.max_length)
+        held_out = drop_long_examples(held_out, tokenizer, training_args.max_length)
 
     report = figures(model, tokenizer, held_out, report_args, training_args.max_length)
     state_file = folder / "trainer_state.json"

@@ -17,7 +17,7 @@ from dataclasses import asdict
 import yaml
 
 from config import ConfigError, fail, parse_train_args
-from data_utils import DataError, load_train_and_eval, to_training_records
+from data_utils import DataError, drop_long_examples, load_train_and_eval, to_training_records
 from evaluate import describe_hardware
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,12 @@ def main(args: list[str] | None = None):
         model = load_model(model_args, quant_args, training_args.trust_remote_code)
     except ModelError as e:
         fail(str(e))
+    if data_args.long_examples == "drop":
+        try:
+            train_data = drop_long_examples(train_data, tokenizer, training_args.max_length)
+            eval_data = eval_data and drop_long_examples(eval_data, tokenizer, training_args.max_length)
+        except DataError as e:
+            fail(str(e))
 
     # 3. Trainer: SFTTrainer tokenizes, masks the loss to assistant turns, and adds the LoRA adapter.
     trainer = build_trainer(
@@ -86,6 +92,7 @@ def main(args: list[str] | None = None):
         **asdict(data_args),
         **asdict(report_args),
         **{k: v for k, v in training_args.to_dict().items() if not k.startswith("_")},
+        "resume": False,  # the file reproduces the run; resuming is a choice made on the command line
     }
     with open(f"{output_dir}/run_config.yaml", "w") as f:
         yaml.safe_dump(run_config, f, sort_keys=False)

@@ -103,3 +103,17 @@ def test_replies_policy_trains_the_final_reply_only(model, tokenizer, tmp_path):
     assert batch["labels"][0, : len(ids)].tolist() == labels
     trained = [t for t in labels if t != -100]
     assert tokenizer.decode(trained) == " About 6 minutes." + EOS
+
+
+def test_drop_long_examples_keeps_those_that_fit_with_their_eos(tokenizer):
+    from data_utils import DataError, drop_long_examples
+
+    lengths = [len(tokenizer.apply_chat_template(c, return_dict=True)["input_ids"]) for c in (CONVERSATION, OTHER)]
+    conversations = Conversations([{"messages": CONVERSATION}, {"messages": OTHER}], "all")
+    limit = min(lengths)
+    kept = drop_long_examples(conversations, tokenizer, limit)
+    assert [e["messages"] for e in kept.examples] == [OTHER if lengths[1] <= lengths[0] else CONVERSATION]
+    assert kept.counts["too_long"] == 1
+    assert len(drop_long_examples(conversations, tokenizer, max(lengths)).examples) == 2
+    with pytest.raises(DataError, match="every example is longer"):
+        drop_long_examples(conversations, tokenizer, limit - 1)
