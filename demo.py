@@ -53,7 +53,7 @@ def main() -> None:
             "--repetition_penalty",
             "1.15",
             "--max_new_tokens",
-            "384",
+            "256",
         ],
     )
     base, tuned = report["base"], report["tuned"]

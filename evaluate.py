@@ -308,7 +308,9 @@ def main(args: list[str] | None = None) -> dict:
             )
         }
     )
-    run["lr_scheduler_type"] = str(getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type))
+    for enum_setting in ("lr_scheduler_type", "optim"):  # the Trainer turns these into enums
+        value = getattr(training_args, enum_setting)
+        run[enum_setting] = str(getattr(value, "value", value))
     run["lora_r"], run["lora_alpha"], run["lora_dropout"], run["lora_target_modules"] = _lora_settings(folder)
     (folder / "README.md").write_text(model_card(run, data, train_metrics, report, has_plot))
     print(

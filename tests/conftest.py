@@ -32,3 +32,16 @@ def tokenizer(tiny_phi):
     from model_utils import load_tokenizer
 
     return load_tokenizer(str(tiny_phi))
+
+
+@pytest.fixture(scope="session")
+def tiny_cpu_run(tiny_phi, tmp_path_factory):
+    """configs/tiny_cpu.yaml for 4 steps on the real sample (10% of the trees held out), with the final report."""
+    import train
+
+    out = tmp_path_factory.mktemp("tiny-cpu") / "model"
+    args = ["--config", str(ROOT / "configs" / "tiny_cpu.yaml"), "--model", str(tiny_phi), "--output_dir", str(out)]
+    args += ["--save_steps", "2", "--eval_steps", "2", "--logging_steps", "1", "--report_to", "tensorboard"]
+    args += ["--report_prompts", "3", "--report_max_new_tokens", "8"]
+    trainer, _ = train.main([*args, "--max_steps", "4"])
+    return trainer, out, args

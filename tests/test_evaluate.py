@@ -65,34 +65,8 @@ def test_loss_labels_follow_truncation(tokenizer):
     assert len(ids) == len(labels) == 12
 
 
-def test_a_run_leaves_eval_json_plot_and_card(tiny_phi, tmp_path):
-    import train
-
-    out = tmp_path / "model"
-    train.main(
-        [
-            "--config",
-            "configs/tiny_cpu.yaml",
-            "--model",
-            str(tiny_phi),
-            "--output_dir",
-            str(out),
-            "--max_steps",
-            "4",
-            "--save_steps",
-            "2",
-            "--eval_steps",
-            "2",
-            "--logging_steps",
-            "1",
-            "--report_prompts",
-            "3",
-            "--report_max_new_tokens",
-            "8",
-            "--report_to",
-            "tensorboard",
-        ]
-    )
+def test_a_run_leaves_eval_json_plot_and_card(tiny_cpu_run):
+    _, out, _ = tiny_cpu_run
     report = json.loads((out / "eval.json").read_text())
     for name in ("base", "tuned"):
         figures = report[name]

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -147,27 +148,15 @@ def test_inference_cli_answers_from_the_output_folder(yes_run):
     assert result.stdout == "Yes.\n"  # only the reply, and it stopped at EOS
 
 
-def test_tiny_cpu_config_trains_on_the_sample_and_resumes(tiny_phi, tmp_path):
-    out = tmp_path / "model"
-    common = [
-        "--config",
-        str(ROOT / "configs" / "tiny_cpu.yaml"),
-        "--model",
-        str(tiny_phi),
-        "--output_dir",
-        str(out),
-        "--save_steps",
-        "2",
-        "--eval_steps",
-        "2",
-        "--logging_steps",
-        "1",
-    ]
-    first, _ = train.main([*common, "--max_steps", "4"])
+def test_tiny_cpu_config_trains_on_the_sample_and_resumes(tiny_cpu_run, tmp_path):
+    first, trained, args = tiny_cpu_run
     assert first.state.global_step == 4
     assert any("eval_loss" in entry for entry in first.state.log_history)  # held-out trees evaluated
-    assert (out / "checkpoint-4" / "trainer_state.json").is_file()
-    second, _ = train.main([*common, "--max_steps", "6", "--resume"])
+    assert (trained / "checkpoint-4" / "trainer_state.json").is_file()
+    out = tmp_path / "model"
+    shutil.copytree(trained, out)
+    args = [*args[: args.index("--output_dir") + 1], str(out), *args[args.index("--output_dir") + 2 :]]
+    second, _ = train.main([*args, "--max_steps", "6", "--resume", "--final_report", "false"])
     assert second.state.global_step == 6
     steps_run = [entry["step"] for entry in second.state.log_history if "loss" in entry]
     assert steps_run[-2:] == [5, 6] and losses(second)[:4] == losses(first)  # continued, history kept
