@@ -192,8 +192,8 @@ class ReportArguments:
     report_repetition_penalty: float = field(
         default=1.0,
         metadata={
-            "help": "Repetition penalty in the clean-stop test (greedy either way). 1.0: none. Small models loop "
-            "under plain greedy decoding and never stop, whatever they learned; the demo uses 1.15."
+            "help": "Repetition penalty in the clean-stop test (greedy either way). 1.0: none, plain greedy. Small "
+            "models can loop under plain greedy decoding and never stop, whatever they learned."
         },
     )
     report_examples: int = field(default=3, metadata={"help": "Base and tuned replies shown side by side."})

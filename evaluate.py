@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import platform
 import sys
 from dataclasses import dataclass, field
@@ -95,6 +96,7 @@ def generate_replies(
             **batch,
             max_new_tokens=max_new_tokens,
             do_sample=False,
+            repetition_penalty=repetition_penalty,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
@@ -241,8 +243,6 @@ or `python inference.py "Hello!" --adapter {run["output_dir"]}`.
 def describe_hardware() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)"
-    import os
-
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
