@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from config import fail
+from config import ReportArguments, fail
 from data_utils import HUMAN, Conversations
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def generate_replies(
     prompts: list[list[dict]],
     max_new_tokens: int,
     repetition_penalty: float = 1.0,
-    batch_size: int = 8,
+    batch_size: int = 16,
 ):
     """Greedy replies to each prompt, batched with left padding: [{"reply", "stopped", "clean"}]."""
     tokenizer.padding_side = "left"
@@ -253,15 +253,24 @@ def main(args: list[str] | None = None) -> dict:
     from data_utils import DataError, drop_long_examples, load_train_and_eval
     from model_utils import ModelError, load_chat_model
 
+    parser = HfArgumentParser(EvaluateArguments)
+    parser.description = __doc__
+    parser.epilog = "The report settings of the run (--report_prompts, --report_max_new_tokens, ...) can be overridden."
     try:
-        (eval_args,) = HfArgumentParser(EvaluateArguments).parse_args_into_dataclasses(args)
+        eval_args, overrides = parser.parse_args_into_dataclasses(args, return_remaining_strings=True)
     except ValueError as e:
         fail(str(e))
     folder = Path(eval_args.model_dir)
     run_config = folder / "run_config.yaml"
     if not run_config.is_file():
         fail(f"{run_config} not found: point --model_dir at a training output folder.")
-    model_args, quant_args, _, data_args, report_args, training_args = parse_train_args(["--config", str(run_config)])
+    report_flags = {f"--{name}" for name in ReportArguments.__dataclass_fields__}
+    for flag in overrides:
+        if flag.startswith("--") and flag.split("=")[0] not in report_flags:
+            fail(f"{flag}: evaluate.py takes --model_dir and the report settings ({', '.join(sorted(report_flags))}).")
+    model_args, quant_args, _, data_args, report_args, training_args = parse_train_args(
+        ["--config", str(run_config), *overrides]
+    )
     try:
         train_data, held_out = load_train_and_eval(data_args)
     except DataError as e:

@@ -81,3 +81,20 @@ def test_a_run_leaves_eval_json_plot_and_card(tiny_cpu_run):
     assert f"{report['loss_ratio']:.3f}" in card and "![training and held-out loss](loss.png)" in card
     assert "90 for training, 10 held out" in card
     assert list((out / "runs").rglob("events.out.tfevents.*"))  # TensorBoard logs
+
+
+def test_evaluate_reruns_with_other_report_settings_only(tiny_cpu_run, tmp_path, capsys):
+    import shutil
+
+    import evaluate
+
+    _, out, _ = tiny_cpu_run
+    copy = shutil.copytree(out, tmp_path / "model", ignore=shutil.ignore_patterns("checkpoint-*", "runs"))
+    report = evaluate.main(["--model_dir", str(copy), "--report_prompts", "2", "--report_repetition_penalty", "1.2"])
+    assert len(report["prompts"]) == 2 and len(report["tuned"]["replies"]) == 2
+    assert "repetition penalty\n1.2)" in (copy / "README.md").read_text()
+
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--model_dir", str(copy), "--max_steps", "3"])
+    assert exit_info.value.code == 2
+    assert "--max_steps: evaluate.py takes --model_dir and the report settings" in capsys.readouterr().err
