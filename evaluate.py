@@ -255,7 +255,9 @@ def main(args: list[str] | None = None) -> dict:
 
     parser = HfArgumentParser(EvaluateArguments)
     parser.description = __doc__
-    parser.epilog = "The report settings of the run (--report_prompts, --report_max_new_tokens, ...) can be overridden."
+    parser.epilog = (
+        "The report settings of the run (--report_prompts, --report_max_new_tokens, ...) can be overridden."
+    )
     try:
         eval_args, overrides = parser.parse_args_into_dataclasses(args, return_remaining_strings=True)
     except ValueError as e:
