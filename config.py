@@ -70,6 +70,14 @@ class QuantizationArguments:
             "overflows in fp16 attention), float16 on older GPUs (with a warning), float32 on CPU."
         },
     )
+    bnb_4bit_quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = field(
+        default="auto",
+        metadata={
+            "help": "dtype that holds the packed 4-bit weights (the values are the same either way). FSDP shards "
+            "only float tensors of one dtype, so FSDP-QLoRA needs the compute dtype here. auto: the compute dtype "
+            "under FSDP (accelerate launch with configs/accelerate/fsdp_qlora.yaml), uint8 otherwise."
+        },
+    )
 
 
 @dataclass
@@ -256,6 +264,14 @@ def _training_config_class() -> type:
             default="tensorboard",
             metadata={"help": "Where to send training logs: tensorboard (in output_dir/runs), wandb, trackio, none."},
         )
+        ddp_find_unused_parameters: bool | None = field(
+            default=False,
+            metadata={
+                "help": "Under torchrun/accelerate (DDP): search each step for parameters without a gradient. Every "
+                "LoRA weight is used in every step, so off: the search costs a pass over the graph and breaks "
+                "with gradient checkpointing."
+            },
+        )
         resume: bool = field(default=False, metadata={"help": "Continue from the latest checkpoint in --output_dir."})
 
         def __post_init__(self):
@@ -282,7 +298,9 @@ def _training_config_class() -> type:
                 if (self.bf16 and not cpu_bf16) or self.fp16:
                     logger.warning("No CUDA GPU: mixed precision is off, training in float32 on CPU.")
                 self.bf16, self.fp16 = cpu_bf16, False
-                self.use_cpu = self.use_cpu or cpu_bf16
+                # The model is on the CPU (model_utils.device_map), so the Trainer must be too; under torchrun this
+                # is also what makes accelerate train the processes together (gloo) rather than each on its own.
+                self.use_cpu = True
                 if "paged" in self.optim or "bnb" in self.optim or "8bit" in self.optim:
                     logger.warning("--optim %s needs CUDA: using adamw_torch on CPU.", self.optim)
                     self.optim = "adamw_torch"

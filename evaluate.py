@@ -201,10 +201,9 @@ A LoRA adapter trained with 4-bit ({run["bnb_4bit_quant_type"]}) QLoRA on OpenAs
 ## Training
 - LoRA r {run["lora_r"]}, alpha {run["lora_alpha"]}, dropout {run["lora_dropout"]}, targets
   `{run["lora_target_modules"]}`; double quantization {run["bnb_4bit_use_double_quant"]}.
-- {run["max_steps"]} steps, micro-batch {run["per_device_train_batch_size"]} x accumulation
-  {run["gradient_accumulation_steps"]}, {run["max_length"]} tokens, learning rate {run["learning_rate"]}
-  ({run["lr_scheduler_type"]}, warmup {run["warmup_steps"]}), optimizer {run["optim"]}, max grad norm
-  {run["max_grad_norm"]}, seed {run["seed"]}.
+- {run["max_steps"]} steps of {global_batch(run, train_metrics)}, {run["max_length"]} tokens, learning rate
+  {run["learning_rate"]} ({run["lr_scheduler_type"]}, warmup {run["warmup_steps"]}), optimizer {run["optim"]}, max grad
+  norm {run["max_grad_norm"]}, seed {run["seed"]}.
 - Hardware: {train_metrics.get("hardware", "n/a")}; training time {train_metrics.get("train_runtime", 0):.0f} s;
   final training loss {train_metrics.get("train_loss", float("nan")):.4f}.
 
@@ -240,18 +239,33 @@ or `python inference.py "Hello!" --adapter {run["output_dir"]}`.
 """
 
 
-def describe_hardware() -> str:
+def global_batch(run: dict, train_metrics: dict) -> str:
+    """'micro-batch 4 x accumulation 4 = 16 examples', with the process count when there were several."""
+    processes = train_metrics.get("processes", 1)
+    text = f"micro-batch {run['per_device_train_batch_size']} x accumulation {run['gradient_accumulation_steps']}"
+    if processes > 1:
+        text += f" x {processes} processes"
+    total = train_metrics.get(
+        "global_batch_size", run["per_device_train_batch_size"] * run["gradient_accumulation_steps"] * processes
+    )
+    return f"{text} = {total} examples"
+
+
+def describe_hardware(processes: int = 1) -> str:
+    """The device this process runs on; with several processes (torchrun, accelerate), how many."""
     if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)"
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+        gpu = f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)"
+        return gpu if processes == 1 else f"{processes} x {gpu}"
+    cpu = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return cpu if processes == 1 else f"{processes} processes on {cpu}"
 
 
-def main(args: list[str] | None = None) -> dict:
+def main(args: list[str] | None = None) -> dict | None:
     from transformers import HfArgumentParser
 
     from config import parse_train_args
     from data_utils import DataError, drop_long_examples, load_train_and_eval
-    from model_utils import ModelError, load_chat_model
+    from model_utils import ModelError, is_main_process, load_chat_model
 
     parser = HfArgumentParser(EvaluateArguments)
     parser.description = __doc__
@@ -262,6 +276,8 @@ def main(args: list[str] | None = None) -> dict:
         eval_args, overrides = parser.parse_args_into_dataclasses(args, return_remaining_strings=True)
     except ValueError as e:
         fail(str(e))
+    if not is_main_process():  # under torchrun/accelerate launch: one process evaluates and writes the report
+        return None
     folder = Path(eval_args.model_dir)
     run_config = folder / "run_config.yaml"
     if not run_config.is_file():

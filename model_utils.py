@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from config import GenerationArguments, ModelArguments, QuantizationArguments
 from data_utils import CHAT_TEMPLATE
-from quantization_utils import build_bnb_config, compute_dtype
+from quantization_utils import build_bnb_config, compute_dtype, fsdp_enabled, quant_storage_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,12 @@ def unreachable_model_message(name_or_path: str, error: Exception) -> str:
     )
 
 
+def is_main_process() -> bool:
+    """True in a plain `python` run, and in the process of global rank 0 under torchrun or accelerate launch (both
+    set RANK): the one that writes files and logs; the Trainer's own `is_world_process_zero()` agrees."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
 def device_map() -> dict[str, int | str]:
     """bitsandbytes needs the whole model on one device; under torchrun each process takes its own GPU."""
     if torch.cuda.is_available():
@@ -65,6 +71,10 @@ def load_model(
     if trust_remote_code:
         logger.warning(
             "--trust_remote_code runs Python code shipped with the model. Use it only for sources you trust."
+        )
+    if quant_args.load_in_4bit and fsdp_enabled() and not quant_storage_dtype(quant_args).is_floating_point:
+        raise ModelError(
+            "FSDP shards only float tensors: use --bnb_4bit_quant_storage auto (the compute dtype) with FSDP."
         )
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -100,7 +110,9 @@ def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset=N
 
     if getattr(model, "is_loaded_in_4bit", False):
         keep_4bit_weights_trainable_on_cpu(model)
+    if getattr(model, "is_loaded_in_4bit", False) and not fsdp_enabled():
         # Norms and embeddings to float32 for stable training; TRL then makes the LoRA weights bf16 as in the paper.
+        # Not under FSDP: it flattens each decoder layer into one tensor of one dtype, the 4-bit storage dtype.
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=training_args.gradient_checkpointing,
@@ -114,6 +126,22 @@ def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset=N
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+
+
+def global_batch_message(trainer) -> str:
+    """Processes x micro-batch x accumulation = examples per optimizer step, in the Trainer's own numbers."""
+    args = trainer.args
+    processes = f"{args.world_size} process" + ("es" if args.world_size > 1 else "")
+    message = (
+        f"{processes} x micro-batch {args.train_batch_size} x accumulation {args.gradient_accumulation_steps} = "
+        f"global batch {trainer.get_total_train_batch_size(args)} examples per optimizer step"
+    )
+    if args.n_gpu > 1:  # one process that sees several GPUs: a 4-bit model stays on the first, with their batches
+        message += (
+            f". One process sees {args.n_gpu} GPUs but trains on the first only, with a {args.n_gpu}x micro-batch: "
+            f"launch with `torchrun --nproc_per_node {args.n_gpu} train.py ...` to use them all."
+        )
+    return message
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """4-bit nf4 quantization of the frozen base model (the "Q" in QLoRA), from `QuantizationArguments`."""
 
 import logging
+import os
 
 import torch
 from transformers import BitsAndBytesConfig
@@ -22,6 +23,19 @@ def compute_dtype(args: QuantizationArguments) -> torch.dtype:
     return torch.float16
 
 
+def fsdp_enabled() -> bool:
+    """Launched with FSDP: `accelerate launch` with an FSDP config sets ACCELERATE_USE_FSDP for every process."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+
+
+def quant_storage_dtype(args: QuantizationArguments) -> torch.dtype:
+    """The dtype the packed 4-bit weights are stored in. FSDP flattens each wrapped layer's parameters into one
+    tensor of a single float dtype, so under FSDP the 4-bit weights must be stored in the dtype of the rest."""
+    if args.bnb_4bit_quant_storage != "auto":
+        return getattr(torch, args.bnb_4bit_quant_storage)
+    return compute_dtype(args) if fsdp_enabled() else torch.uint8
+
+
 def build_bnb_config(args: QuantizationArguments) -> BitsAndBytesConfig | None:
     """The bitsandbytes config for a 4-bit base, or None when 4-bit loading is off."""
     if not args.load_in_4bit:
@@ -31,4 +45,5 @@ def build_bnb_config(args: QuantizationArguments) -> BitsAndBytesConfig | None:
         bnb_4bit_quant_type=args.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=args.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=compute_dtype(args),
+        bnb_4bit_quant_storage=quant_storage_dtype(args),
     )

@@ -4,6 +4,7 @@
     python train.py --config configs/phi2_oasst1.yaml --max_steps 100
     python train.py --config configs/tiny_cpu.yaml           # a small run on CPU, no network
     python train.py --resume                                 # continue from the latest checkpoint in model/
+    torchrun --nproc_per_node 4 train.py                     # 4 GPUs (README: "Multi-GPU and multi-node")
     python train.py --help                                   # every setting, with its reason
 
 Writes to --output_dir (model/ by default): checkpoint-N/ folders while training, then the final LoRA adapter, the
@@ -34,8 +35,18 @@ def main(args: list[str] | None = None):
     from transformers import set_seed
 
     from adapter_utils import build_lora_config
-    from model_utils import ModelError, build_trainer, latest_checkpoint, load_model, load_tokenizer
+    from model_utils import (
+        ModelError,
+        build_trainer,
+        global_batch_message,
+        is_main_process,
+        latest_checkpoint,
+        load_model,
+        load_tokenizer,
+    )
 
+    if not is_main_process():  # under torchrun/accelerate launch the main process speaks for all
+        logging.getLogger().setLevel(logging.WARNING)
     set_seed(training_args.seed)
     resume_from = None
     if training_args.resume:
@@ -74,35 +85,51 @@ def main(args: list[str] | None = None):
         eval_dataset=Dataset.from_list(to_training_records(eval_data)) if eval_data else None,
         peft_config=build_lora_config(lora_args, model.config.model_type),
     )
-    trainer.model.print_trainable_parameters()
+    if is_main_process():
+        trainer.model.print_trainable_parameters()
+        logger.info(global_batch_message(trainer))
 
     # 4. Train (progress bar and loss lines come from the Trainer).
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     # 5. Save the adapter, the tokenizer with its chat template, the loss history, and every setting of this run.
+    # Under torchrun/accelerate every process calls the Trainer's savers (they write on the main process only, and
+    # FSDP needs all processes to gather the weights); the main process writes the rest while the others wait.
     output_dir = training_args.output_dir
     trainer.save_model(output_dir)
-    tokenizer.save_pretrained(output_dir)
     trainer.save_state()
-    trainer.save_metrics("train", {**result.metrics, "hardware": describe_hardware()}, combined=False)
-    run_config = {
-        **asdict(model_args),
-        **asdict(quant_args),
-        **asdict(lora_args),
-        **asdict(data_args),
-        **asdict(report_args),
-        **{k: v for k, v in training_args.to_dict().items() if not k.startswith("_")},
-        "resume": False,  # the file reproduces the run; resuming is a choice made on the command line
+    metrics = {
+        **result.metrics,
+        "hardware": describe_hardware(training_args.world_size),
+        "processes": training_args.world_size,
+        "global_batch_size": trainer.get_total_train_batch_size(training_args),
     }
-    with open(f"{output_dir}/run_config.yaml", "w") as f:
-        yaml.safe_dump(run_config, f, sort_keys=False)
-    logger.info("Saved the adapter to %s (train loss %.4f).", output_dir, result.training_loss)
+    trainer.save_metrics("train", metrics, combined=False)
+    if is_main_process():
+        tokenizer.save_pretrained(output_dir)
+        run_config = {
+            **asdict(model_args),
+            **asdict(quant_args),
+            **asdict(lora_args),
+            **asdict(data_args),
+            **asdict(report_args),
+            **{k: v for k, v in training_args.to_dict().items() if not k.startswith("_")},
+            "resume": False,  # the file reproduces the run; resuming is a choice made on the command line
+        }
+        with open(f"{output_dir}/run_config.yaml", "w") as f:
+            yaml.safe_dump(run_config, f, sort_keys=False)
+        logger.info("Saved the adapter to %s (train loss %.4f).", output_dir, result.training_loss)
+    trainer.accelerator.wait_for_everyone()  # every process returns with the output folder complete
 
-    # 6. Report: base vs tuned on the held-out data -> eval.json, loss.png, README.md (a model card).
-    if report_args.final_report and eval_data is not None:
+    # 6. Report: base vs tuned on the held-out data -> eval.json, loss.png, README.md (a model card). One process
+    # writes it; the others are done (waiting would only hold their devices).
+    if report_args.final_report and eval_data is not None and is_main_process():
         import evaluate
 
-        evaluate.main(["--model_dir", output_dir])  # reloads the saved adapter: the figures are what users get
+        if trainer.is_fsdp_enabled:  # the report loads the whole base on one device, which FSDP was used to avoid
+            logger.info("FSDP: no report here; run `python evaluate.py --model_dir %s` on one GPU.", output_dir)
+        else:
+            evaluate.main(["--model_dir", output_dir])  # reloads the saved adapter: the figures are what users get
     return trainer, result
 
 

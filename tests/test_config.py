@@ -12,7 +12,8 @@ from config import PHI_LORA_TARGETS, QuantizationArguments, parse_train_args
 from quantization_utils import build_bnb_config
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+ACCELERATE_CONFIGS = sorted((ROOT / "configs" / "accelerate").rglob("*.yaml"))  # for `accelerate launch`
+CONFIGS = sorted(set((ROOT / "configs").rglob("*.yaml")) - set(ACCELERATE_CONFIGS))  # for train.py --config
 
 
 def test_yaml_sets_defaults_and_cli_overrides(tmp_path):
@@ -50,6 +51,19 @@ def test_every_shipped_config_parses(path):
     model, quant, lora, data, _, training = parse_train_args(["--config", str(path)])
     assert training.output_dir and training.max_steps > 0
     assert training.assistant_only_loss
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_accelerate_config_parses(path):
+    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+
+    config = load_config_from_file(str(path))  # accelerate's own loader: unknown keys are an error there too
+    assert isinstance(config, ClusterConfig) and config.num_processes >= 2 and config.mixed_precision == "no"
+
+
+def test_every_yaml_under_configs_is_parsed_by_a_test():
+    assert set(CONFIGS) | set(ACCELERATE_CONFIGS) == set((ROOT / "configs").rglob("*.y*ml"))
+    assert ACCELERATE_CONFIGS and CONFIGS
 
 
 def test_default_run_is_the_fixed_original_recipe():
