@@ -203,3 +203,11 @@ def test_fsdp_qlora_config_gives_what_fsdp_qlora_needs(tiny_phi, monkeypatch):
         load_model(
             ModelArguments(model_name_or_path=str(tiny_phi)), QuantizationArguments(bnb_4bit_quant_storage="uint8")
         )
+
+
+def test_evaluate_leaves_the_report_to_the_main_process(monkeypatch, tmp_path, capsys):
+    import evaluate
+
+    monkeypatch.setenv("RANK", "1")  # what torchrun sets in the second process
+    assert evaluate.main(["--model_dir", str(tmp_path / "missing")]) is None  # no error, nothing read or written
+    assert not (tmp_path / "missing").exists() and capsys.readouterr().err == ""
