@@ -267,9 +267,9 @@ def _training_config_class() -> type:
         ddp_find_unused_parameters: bool | None = field(
             default=False,
             metadata={
-                "help": "Under torchrun/accelerate (DDP): search each step for parameters without a gradient. Every "
-                "LoRA weight is used in every step, so off: the search costs a pass over the graph and breaks "
-                "with gradient checkpointing."
+                "help": "Under torchrun/accelerate (DDP): search each step for parameters that got no gradient. Off: "
+                "every LoRA weight gets one in every step, so the search would only cost time (the Trainer's "
+                "default turns it on for PEFT models)."
             },
         )
         resume: bool = field(default=False, metadata={"help": "Continue from the latest checkpoint in --output_dir."})
