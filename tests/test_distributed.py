@@ -125,7 +125,12 @@ def test_global_batch_is_reported_and_counted_as_in_one_process(two_process_run,
     # Trainer counts the same epochs, and the losses agree up to float rounding (padding differs per micro-batch).
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and state["epoch"] == pytest.approx(one_process.state.epoch)
-    assert losses(state["log_history"]) == pytest.approx(losses(one_process.state.log_history), rel=1e-4)
+    assert len(losses(state["log_history"])) == 4
+    assert losses(state["log_history"]) == pytest.approx(losses(one_process.state.log_history), rel=1e-5)
+    # Measured: training losses within 1e-6 (relative); adapters within one bf16 step (TRL keeps LoRA weights in bf16).
+    two, one = load_file(out / "adapter_model.safetensors"), load_file(one_process_out / "adapter_model.safetensors")
+    for name in one:
+        torch.testing.assert_close(two[name].float(), one[name].float(), rtol=0, atol=2**-8)
 
 
 def test_resumed_two_process_run_continues_from_the_checkpoint(two_process_run, tiny_cpu_run, tmp_path):
