@@ -327,6 +327,34 @@ def parse_train_args(args: list[str] | None = None):
     return parser.parse_args_and_config(args)
 
 
+def light_argument_parser(dataclass_types, **kwargs):
+    """transformers' HfArgumentParser, without importing transformers when it is not loaded yet.
+
+    `import transformers` takes 1.5-2 s here (it pulls in huggingface_hub and its HTTP stack), which would make
+    `inference.py --help` slow. The parser's own module needs only the standard library and yaml, so it is loaded
+    from its file on its own; if a future version gives it other imports, the normal import is used."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        """Keeps the docstring's command examples as written, and shows each flag's default."""
+
+    kwargs.setdefault("formatter_class", HelpFormatter)
+    if "transformers" not in sys.modules:
+        package = importlib.util.find_spec("transformers")
+        spec = importlib.util.spec_from_file_location("_hf_argparser", Path(package.origin).parent / "hf_argparser.py")
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+            return module.HfArgumentParser(dataclass_types, **kwargs)
+        except ImportError:
+            pass
+    from transformers import HfArgumentParser
+
+    return HfArgumentParser(dataclass_types, **kwargs)
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
     """A user's mistake: one clear line on stderr and a non-zero exit, never a traceback."""
     print(f"error: {message}", file=sys.stderr)

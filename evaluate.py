@@ -72,7 +72,6 @@ def assistant_token_loss(model, tokenizer, conversations: Conversations, max_len
     return total / max(count, 1), count
 
 
-@torch.inference_mode()
 def generate_replies(
     model,
     tokenizer,
@@ -82,30 +81,12 @@ def generate_replies(
     batch_size: int = 16,
 ):
     """Greedy replies to each prompt, batched with left padding: [{"reply", "stopped", "clean"}]."""
-    tokenizer.padding_side = "left"
-    results = []
-    for start in range(0, len(prompts), batch_size):
-        batch = tokenizer.apply_chat_template(
-            prompts[start : start + batch_size],
-            add_generation_prompt=True,
-            padding=True,
-            return_tensors="pt",
-            return_dict=True,
-        ).to(model.device)
-        output = model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            repetition_penalty=repetition_penalty,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        for row in output[:, batch["input_ids"].shape[1] :].tolist():
-            stopped = tokenizer.eos_token_id in row
-            reply = tokenizer.decode(row[: row.index(tokenizer.eos_token_id)] if stopped else row).strip()
-            results.append({"reply": reply, "stopped": stopped, "clean": stopped and HUMAN not in reply})
-    tokenizer.padding_side = "right"
-    return results
+    from config import GenerationArguments
+    from model_utils import generate_replies as batched_replies
+
+    greedy = GenerationArguments(max_new_tokens=max_new_tokens, temperature=0, repetition_penalty=repetition_penalty)
+    results = batched_replies(model, tokenizer, prompts, greedy, batch_size)
+    return [{**r, "clean": r["stopped"] and HUMAN not in r["reply"]} for r in results]
 
 
 def figures(model, tokenizer, held_out: Conversations, report_args, max_length: int | None) -> dict:

@@ -1,18 +1,34 @@
-"""Answer a prompt with the fine-tuned model: base model + the LoRA adapter from model/.
+"""Talk to the fine-tuned model: base model + the LoRA adapter from model/.
 
-    python inference.py "How do I make a good cup of tea?"
+    python inference.py "How do I make a good cup of tea?"             # one answer, streamed
     python inference.py "Explain QLoRA in two sentences." --adapter model/checkpoint-100 --temperature 0
-    python inference.py "Hello" --no_adapter --base microsoft/phi-2      # the base model alone, for comparison
+    python inference.py "Hello" --no-adapter --base microsoft/phi-2     # the base model alone, for comparison
+    python inference.py --chat                                          # a conversation (/reset, /exit, Ctrl-D)
+    python inference.py --input prompts.jsonl --output answers.jsonl    # batch: one answer per line, in order
+    python inference.py --merge-to phi2-oasst1                          # a standalone model, adapter merged in
 
-The prompt is built with the tokenizer's chat template (the same "### Human: ... ### Assistant:" text as in
-training); the reply streams to the terminal and generation stops at the end-of-sequence token.
+The adapter is the final one in --adapter (default model/), else its latest checkpoint; the base is the one recorded
+with the adapter unless --base says otherwise. Prompts are built with the tokenizer's chat template (the same
+"### Human: ... ### Assistant:" text as in training) and a reply ends at the end-of-sequence token.
+
+Batch input: one JSON object per line, {"prompt": "..."} or {"messages": [{"role": "user", "content": "..."}, ...]};
+each output line is the input object with "reply" (and "stopped": false when the reply hit --max-new-tokens) added.
+
+--merge-to writes the base in 16 bits with the adapter folded in, plus the tokenizer and its chat template: plain
+`AutoModelForCausalLM.from_pretrained(DIR)` loads it, and serving engines such as vLLM accept it. A 4-bit base
+cannot hold the merged weights exactly, so the base is reloaded unquantized for the merge.
 """
 
+import json
 import logging
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
 
-from config import GenerationArguments, QuantizationArguments, fail
+from config import GenerationArguments, QuantizationArguments, fail, light_argument_parser
+
+EXIT_COMMANDS = ("/exit", "/quit")
 
 
 @dataclass
@@ -24,23 +40,86 @@ class InferenceArguments:
         default=None, metadata={"help": "Base model (Hub id or folder). Default: the base recorded with the adapter."}
     )
     no_adapter: bool = field(default=False, metadata={"help": "Answer with the base model alone (needs --base)."})
+    chat: bool = field(
+        default=False,
+        metadata={
+            "help": "A multi-turn conversation in the terminal: /reset clears the history, /exit or Ctrl-D quits."
+        },
+    )
+    input: str | None = field(default=None, metadata={"help": "Batch mode: a JSONL file of prompts (needs --output)."})
+    output: str | None = field(default=None, metadata={"help": "Batch mode: the JSONL file the answers go to."})
+    batch_size: int = field(
+        default=8,
+        metadata={"help": "Batch mode: prompts generated together (left-padded). Lower it if memory runs out."},
+    )
+    merge_to: str | None = field(
+        default=None,
+        metadata={
+            "help": "Write a standalone model (base + merged adapter, tokenizer, chat template) to this folder."
+        },
+    )
+    merge_dtype: Literal["bfloat16", "float16", "float32"] = field(
+        default="bfloat16",
+        metadata={"help": "dtype of the merged model. bfloat16: Phi-2's own dtype, half the size of float32."},
+    )
+    max_input_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Longest prompt in tokens (the conversation so far). Default: the model's context minus "
+            "--max-new-tokens. A longer prompt is refused; --chat first drops the oldest turns, with a notice."
+        },
+    )
 
 
-def main(args: list[str] | None = None) -> str:
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser((InferenceArguments, GenerationArguments, QuantizationArguments))
+def parse_args(args: list[str] | None):
+    parser = light_argument_parser((InferenceArguments, GenerationArguments, QuantizationArguments))
     parser.description = __doc__
-    parser.add_argument("prompt", help="What to ask the model.")
+    parser.add_argument("prompt", nargs="?", help="What to ask the model (one-shot mode).")
     try:
         inference_args, gen_args, quant_args, extra = parser.parse_args_into_dataclasses(args)
     except ValueError as e:
         fail(str(e))
-    prompt = extra.prompt.strip()
-    if not prompt:
+    prompt = None if extra.prompt is None else extra.prompt.strip()
+    modes = [
+        name
+        for name, on in (
+            ("a prompt", extra.prompt is not None),
+            ("--chat", inference_args.chat),
+            ("--input", inference_args.input),
+            ("--merge-to", inference_args.merge_to),
+        )
+        if on
+    ]
+    if not modes:
+        fail('nothing to do: pass a prompt (python inference.py "Hello"), --chat, --input FILE or --merge-to DIR.')
+    if len(modes) > 1:
+        fail(f"choose one of {' / '.join(modes)}: they are different modes.")
+    if extra.prompt is not None and not prompt:
         fail('the prompt is empty: pass some text, e.g. python inference.py "Hello".')
+    if inference_args.input and not inference_args.output:
+        fail("--input needs --output FILE for the answers.")
+    if inference_args.output and not inference_args.input:
+        fail("--output goes with --input FILE (batch mode).")
+    if inference_args.merge_to and inference_args.no_adapter:
+        fail("--merge-to merges an adapter: drop --no-adapter.")
+    if inference_args.batch_size < 1:
+        fail("--batch-size must be at least 1.")
+    if gen_args.max_new_tokens < 1:
+        fail("--max-new-tokens must be at least 1.")
+    return inference_args, gen_args, quant_args, prompt
 
-    from model_utils import ModelError, generate_reply, load_chat_model, reply_streamer
+
+def main(args: list[str] | None = None):
+    # Arguments are parsed before torch and transformers are imported, so --help and mistakes answer at once.
+    inference_args, gen_args, quant_args, prompt = parse_args(args)
+    if inference_args.merge_to:
+        return merge(inference_args)
+    if inference_args.input:
+        prompts = read_prompts(Path(inference_args.input))
+        if not Path(inference_args.output).resolve().parent.is_dir():
+            fail(f"cannot write {inference_args.output}: its folder does not exist.")
+
+    from model_utils import ModelError, context_length, generate_reply, load_chat_model, prompt_length, reply_streamer
 
     try:
         model, tokenizer = load_chat_model(
@@ -48,8 +127,131 @@ def main(args: list[str] | None = None) -> str:
         )
     except ModelError as e:
         fail(str(e))
+    max_input = inference_args.max_input_tokens or context_length(model) - gen_args.max_new_tokens
+    if max_input < 1:
+        fail(
+            f"--max-new-tokens {gen_args.max_new_tokens} leaves no room for a prompt in the model's "
+            f"{context_length(model)}-token context."
+        )
+
+    if inference_args.chat:
+        return chat(model, tokenizer, gen_args, max_input)
+    if inference_args.input:
+        return answer_file(
+            model, tokenizer, gen_args, prompts, Path(inference_args.output), max_input, inference_args.batch_size
+        )
     messages = [{"role": "user", "content": prompt}]
+    length = prompt_length(tokenizer, messages)
+    if length > max_input:
+        fail(f"the prompt is {length} tokens; the limit is {max_input} (--max-input-tokens). Shorten it.")
     return generate_reply(model, tokenizer, messages, gen_args, streamer=reply_streamer(tokenizer))
+
+
+def chat(model, tokenizer, gen_args: GenerationArguments, max_input: int) -> list[dict]:
+    """Read messages from stdin until /exit or end of input; each reply streams to stdout. Returns the history."""
+    from model_utils import generate_reply, history_that_fits, prompt_length, reply_streamer
+
+    try:
+        import readline  # noqa: F401  (line editing and history for input() in a terminal)
+    except ImportError:
+        pass
+    interactive = sys.stdin.isatty()
+    notice(f"Chatting with {max_input}-token prompts at most. /reset clears the history; /exit or Ctrl-D quits.")
+    history: list[dict] = []
+    while True:
+        try:
+            text = input("you> " if interactive else "").strip()
+        except (EOFError, KeyboardInterrupt):
+            if interactive:
+                print(file=sys.stderr)
+            break
+        if not text:
+            continue
+        if text in EXIT_COMMANDS:
+            break
+        if text == "/reset":
+            history = []
+            notice("(history cleared)")
+            continue
+        messages, dropped = history_that_fits(tokenizer, [*history, {"role": "user", "content": text}], max_input)
+        if dropped:
+            notice(f"(the conversation outgrew the context: dropped the oldest {dropped} exchange(s))")
+        length = prompt_length(tokenizer, messages)
+        if length > max_input:
+            notice(f"(that message is {length} tokens; the limit is {max_input}: shorten it)")
+            continue
+        try:
+            reply = generate_reply(model, tokenizer, messages, gen_args, streamer=reply_streamer(tokenizer))
+        except KeyboardInterrupt:  # Ctrl-C stops a reply without ending the session; the cut reply is not kept
+            notice("\n(stopped)")
+            continue
+        history = [*messages, {"role": "assistant", "content": reply}]
+    return history
+
+
+def notice(text: str) -> None:
+    """Session messages go to stderr, so stdout holds only the model's replies."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def read_prompts(path: Path) -> list[dict]:
+    """The batch input: one JSON object per line with "prompt" or "messages"; blank lines are skipped."""
+    if not path.is_file():
+        fail(f"{path} not found.")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            fail(f"{path} line {number} is not JSON: {e.msg}.")
+        if not isinstance(row, dict) or not (
+            isinstance(row.get("prompt"), str)
+            or (
+                isinstance(row.get("messages"), list) and row["messages"] and row["messages"][-1].get("role") == "user"
+            )
+        ):
+            fail(
+                f'{path} line {number}: expected {{"prompt": "..."}} or {{"messages": [...]}} ending with a user turn.'
+            )
+        rows.append(row)
+    if not rows:
+        fail(f"{path} holds no prompts.")
+    return rows
+
+
+def answer_file(model, tokenizer, gen_args, rows: list[dict], output: Path, max_input: int, batch_size: int):
+    from model_utils import generate_replies, prompt_length
+
+    conversations = [row.get("messages") or [{"role": "user", "content": row["prompt"]}] for row in rows]
+    for number, messages in enumerate(conversations, 1):
+        length = prompt_length(tokenizer, messages)
+        if length > max_input:
+            fail(
+                f"prompt {number} is {length} tokens; the limit is {max_input} (--max-input-tokens). "
+                "Nothing was generated."
+            )
+    results = generate_replies(model, tokenizer, conversations, gen_args, batch_size)
+    with output.open("w", encoding="utf-8") as out:
+        for row, result in zip(rows, results, strict=True):
+            out.write(json.dumps({**row, **result}, ensure_ascii=False) + "\n")
+    notice(f"wrote {len(results)} answers to {output}")
+    return results
+
+
+def merge(inference_args: InferenceArguments) -> Path:
+    out = Path(inference_args.merge_to)
+    if out.exists() and any(out.iterdir()):
+        fail(f"{out} already exists and is not empty: choose a new folder for the merged model.")
+    from model_utils import ModelError, merge_adapter
+
+    try:
+        merged = merge_adapter(inference_args.adapter, out, inference_args.base, inference_args.merge_dtype)
+    except ModelError as e:
+        fail(str(e))
+    notice(f"wrote the merged model ({inference_args.merge_dtype}) and its tokenizer to {merged}")
+    return merged
 
 
 if __name__ == "__main__":

@@ -5,10 +5,13 @@ Written once and imported by train.py, inference.py and app.py, so all three loa
 
 import logging
 import os
+import queue
 import re
+import threading
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from config import GenerationArguments, ModelArguments, QuantizationArguments
@@ -234,7 +237,9 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> torc
 
 
 @torch.inference_mode()
-def generate_reply(model, tokenizer, messages: list[dict], gen_args: GenerationArguments, streamer=None) -> str:
+def generate_reply(
+    model, tokenizer, messages: list[dict], gen_args: GenerationArguments, streamer=None, stopping_criteria=None
+) -> str:
     """The assistant's next reply: generation stops at EOS, and the reply is cut from the output by token position."""
     if gen_args.seed is not None:
         torch.manual_seed(gen_args.seed)
@@ -245,5 +250,134 @@ def generate_reply(model, tokenizer, messages: list[dict], gen_args: GenerationA
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         streamer=streamer,
+        stopping_criteria=stopping_criteria,
     )
     return tokenizer.decode(output[0][inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+@torch.inference_mode()
+def generate_replies(
+    model, tokenizer, conversations: list[list[dict]], gen_args: GenerationArguments, batch_size: int = 8
+) -> list[dict]:
+    """The next reply to each conversation, in order, generated in batches with left padding (so that every row's
+    new tokens start at the same position): [{"reply": text, "stopped": ended with EOS within the budget}]."""
+    if gen_args.seed is not None:
+        torch.manual_seed(gen_args.seed)
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    results = []
+    try:
+        for start in tqdm(
+            range(0, len(conversations), batch_size), desc="Generating", unit="batch", disable=len(conversations) <= 1
+        ):
+            batch = tokenizer.apply_chat_template(
+                conversations[start : start + batch_size],
+                add_generation_prompt=True,
+                padding=True,
+                return_tensors="pt",
+                return_dict=True,
+            ).to(model.device)
+            output = model.generate(
+                **batch,
+                **gen_args.generate_kwargs(),
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            for row in output[:, batch["input_ids"].shape[1] :].tolist():
+                # Rows that stop early are padded after their EOS: the reply is everything before the first EOS.
+                stopped = tokenizer.eos_token_id in row
+                reply_ids = row[: row.index(tokenizer.eos_token_id)] if stopped else row
+                results.append(
+                    {"reply": tokenizer.decode(reply_ids, skip_special_tokens=True).strip(), "stopped": stopped}
+                )
+    finally:
+        tokenizer.padding_side = padding_side
+    return results
+
+
+class StopOnEvent:
+    """A stopping criterion that ends generation when `event` is set (the page's stop button, a closed stream)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def stream_reply(model, tokenizer, messages: list[dict], gen_args: GenerationArguments, timeout: float = 120.0):
+    """Yield the reply as it grows (the whole text so far each time), generating in a background thread.
+
+    The streamer waits at most `timeout` seconds for each piece, so a generation that dies or stalls raises instead
+    of hanging its caller; an error in the generation thread is raised here. Closing this generator (a page's stop
+    button) stops the generation at the next token, so the model is free again at once."""
+    from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=timeout)
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    def generate():
+        try:
+            generate_reply(model, tokenizer, messages, gen_args, streamer, StoppingCriteriaList([StopOnEvent(stop)]))
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            failure.append(e)
+            streamer.end()
+
+    thread = threading.Thread(target=generate, daemon=True)
+    thread.start()
+    text = ""
+    try:
+        for piece in streamer:
+            text += piece
+            if text.strip():
+                yield text.strip()
+    except queue.Empty:
+        raise TimeoutError(f"generation produced nothing for {timeout:.0f} s; it was stopped.") from None
+    finally:
+        stop.set()
+    thread.join()
+    if failure:
+        raise failure[0]
+
+
+def history_that_fits(tokenizer, messages: list[dict], max_tokens: int) -> tuple[list[dict], int]:
+    """Drop the oldest exchanges (a user turn and its reply) until the prompt fits in `max_tokens`.
+
+    Returns the kept messages and how many exchanges were dropped. The newest user message is always kept: when it
+    alone is too long, the caller must refuse it (see `prompt_length`)."""
+    dropped = 0
+    while len(messages) > 1 and prompt_length(tokenizer, messages) > max_tokens:
+        messages = messages[2:] if messages[0]["role"] == "user" and len(messages) > 2 else messages[1:]
+        dropped += 1
+    return messages, dropped
+
+
+def prompt_length(tokenizer, messages: list[dict]) -> int:
+    return len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
+
+
+def context_length(model) -> int:
+    """How many tokens (prompt and reply) the model can attend to."""
+    return model.config.max_position_embeddings
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A standalone model
+
+
+def merge_adapter(adapter: str | Path, out_dir: str | Path, base: str | None = None, dtype: str = "bfloat16") -> Path:
+    """Write base + adapter as one plain model (merged weights, safetensors) with the tokenizer and chat template.
+
+    The base is loaded unquantized in `dtype`: LoRA's update cannot be folded exactly into 4-bit weights, so the
+    merged model is the 16-bit base plus the adapter (what the adapter computes on a 16-bit base)."""
+    model, tokenizer = load_chat_model(
+        adapter, base, QuantizationArguments(load_in_4bit=False, bnb_4bit_compute_dtype=dtype)
+    )
+    merged = model.merge_and_unload()
+    # generate() on the merged folder stops at the template's end of turn, and batches pad with the same id.
+    merged.generation_config.eos_token_id = tokenizer.eos_token_id
+    merged.generation_config.pad_token_id = tokenizer.pad_token_id
+    out_dir = Path(out_dir)
+    merged.save_pretrained(out_dir, max_shard_size="5GB")  # transformers 5 always writes safetensors
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
