@@ -325,17 +325,19 @@ def stream_reply(model, tokenizer, messages: list[dict], gen_args: GenerationArg
 
     thread = threading.Thread(target=generate, daemon=True)
     thread.start()
-    text = ""
+    text = shown = ""
     try:
         for piece in streamer:
             text += piece
-            if text.strip():
-                yield text.strip()
+            if text.strip() != shown:
+                shown = text.strip()
+                yield shown
     except queue.Empty:
         raise TimeoutError(f"generation produced nothing for {timeout:.0f} s; it was stopped.") from None
     finally:
         stop.set()
-    thread.join()
+        # The model is not free until the thread is done with it (the caller may switch the adapter next).
+        thread.join(timeout)
     if failure:
         raise failure[0]
 

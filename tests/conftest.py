@@ -45,3 +45,79 @@ def tiny_cpu_run(tiny_phi, tmp_path_factory):
     args += ["--report_prompts", "3", "--report_max_new_tokens", "8"]
     trainer, _ = train.main([*args, "--max_steps", "4"])
     return trainer, out, args
+
+
+YES_QUESTIONS = [
+    "What is the capital of France?",
+    "Can you help me?",
+    "Is water wet?",
+    "Do cats purr?",
+    "Is the sky blue?",
+    "Can I learn Python?",
+    "Are you a robot?",
+    "Is it raining?",
+]
+
+
+@pytest.fixture(scope="session")
+def yes_adapter(tiny_phi, tmp_path_factory) -> Path:
+    """An adapter that answers every question with "Yes." and then EOS: replies the chat tests can check exactly.
+
+    8 steps on an unquantized float32 base (a few seconds); the answer holds on the 4-bit base too."""
+    import json
+
+    import train
+
+    folder = tmp_path_factory.mktemp("yes-adapter")
+    data = folder / "yes.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "Yes."}]}) + "\n"
+            for q in YES_QUESTIONS
+        )
+    )
+    out = folder / "model"
+    args = ["--model", str(tiny_phi), "--dataset", str(data), "--output_dir", str(out), "--eval_split", ""]
+    args += ["--max_steps", "8", "--learning_rate", "0.03", "--warmup_steps", "0", "--lora_r", "8"]
+    args += ["--lora_dropout", "0", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1"]
+    args += ["--load_in_4bit", "false", "--save_steps", "1000", "--final_report", "false", "--report_to", "none"]
+    train.main(args)
+    return out
+
+
+@pytest.fixture(scope="session")
+def chat_server(yes_adapter, tmp_path_factory):
+    """app.py serving the "Yes." adapter on a free port (greedy, short replies), shared by the page tests."""
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tmp_path_factory.mktemp("app") / "app.log"
+    command = [sys.executable, "app.py", "--adapter", str(yes_adapter), "--port", str(port), "--load_in_4bit", "false"]
+    command += ["--temperature", "0", "--max_new_tokens", "12", "--max_input_chars", "200"]
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    with log.open("w") as log_file:
+        server = subprocess.Popen(command, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"app.py exited with {server.returncode}:\n{log.read_text()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"app.py did not answer on {url} within 180 s:\n{log.read_text()}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -1,0 +1,300 @@
+"""A chat page for the fine-tuned model, with a side-by-side comparison against the base model.
+
+    python app.py                                    # adapter from model/, on http://127.0.0.1:7860
+    python app.py --adapter model/checkpoint-100 --port 8080
+    python app.py --auth alice:secret                # or QLORA_CHAT_AUTH=alice:secret python app.py
+    python app.py --host 0.0.0.0                     # reachable from other machines: set --auth too
+    python app.py --share                            # a public *.gradio.live link through Gradio's relay
+
+Chat: a multi-turn conversation with the tuned model; replies stream token by token, the stop button ends one.
+Compare: the same message answered by the base model (the adapter switched off) and by the tuned model, side by
+side, each with its own conversation. There is one model in memory: the base reply borrows it with the adapter off.
+
+Safe by default: the page listens on 127.0.0.1 only; a public link only with --share; generations run one at a time
+(--concurrency) behind a queue of bounded size (--queue-size); a message longer than --max-input-chars is refused
+with a message that says so; when a conversation outgrows the model's context, its oldest turns are left out.
+"""
+
+import contextlib
+import logging
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+
+from config import GenerationArguments, QuantizationArguments, fail, light_argument_parser
+
+logger = logging.getLogger(__name__)
+
+AUTH_VARIABLE = "QLORA_CHAT_AUTH"
+EXAMPLES = [
+    "What is a good way to learn Python?",
+    "Explain what a large language model is, in two sentences.",
+    "Write a short poem about autumn.",
+]
+
+
+@dataclass
+class AppArguments:
+    adapter: str = field(
+        default="model", metadata={"help": "LoRA adapter folder (its final adapter, else its latest checkpoint)."}
+    )
+    base: str | None = field(
+        default=None, metadata={"help": "Base model (Hub id or folder). Default: the base recorded with the adapter."}
+    )
+    no_adapter: bool = field(
+        default=False, metadata={"help": "Chat with the base model alone (needs --base; no Compare tab)."}
+    )
+    host: str = field(
+        default="127.0.0.1",
+        metadata={"help": "Address to listen on. 127.0.0.1: this machine only. 0.0.0.0: the network (use --auth)."},
+    )
+    port: int = field(default=7860, metadata={"help": "Port to listen on."})
+    share: bool = field(
+        default=False,
+        metadata={
+            "help": "Also open a public *.gradio.live link (through Gradio's servers): anyone with it can chat."
+        },
+    )
+    auth: str | None = field(
+        default=None,
+        metadata={"help": f"Require a login, as user:password. Also read from ${AUTH_VARIABLE} (keeps it out of ps)."},
+    )
+    concurrency: int = field(
+        default=1,
+        metadata={"help": "Generations at once. 1: each request gets the whole GPU; others wait in the queue."},
+    )
+    queue_size: int = field(
+        default=16,
+        metadata={"help": "Requests that may wait in the queue; later ones are turned away until it drains."},
+    )
+    max_input_chars: int = field(
+        default=4000, metadata={"help": "Longest message accepted, in characters; a longer one gets a clear refusal."}
+    )
+    stream_timeout: float = field(
+        default=120.0,
+        metadata={"help": "Seconds to wait for the next token before a generation counts as failed (never hang)."},
+    )
+
+
+@dataclass
+class PageSettings:
+    """What build_ui needs besides the model: generation defaults and the limits."""
+
+    generation: GenerationArguments = field(default_factory=GenerationArguments)
+    title: str = "Chat"
+    compare: bool = True  # whether the model has an adapter to switch off
+    max_input_chars: int = 4000
+    context_length: int = 2048
+    concurrency: int = 1
+    stream_timeout: float = 120.0
+
+
+class GenerationSlots:
+    """At most `limit` generations at once, page-wide (the Chat and Compare events each have their own queue
+    limit). A base-model reply switches the adapter off for the whole model, so it runs alone."""
+
+    def __init__(self, limit: int):
+        self.limit, self.active, self.alone = limit, 0, False
+        self.changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, alone: bool = False):
+        with self.changed:
+            self.changed.wait_for(lambda: not self.alone and (self.active == 0 if alone else self.active < self.limit))
+            self.active += 1
+            self.alone = alone
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.active -= 1
+                self.alone = False
+                self.changed.notify_all()
+
+
+def message_text(content) -> str:
+    """The text of a chat message as Gradio hands it over: a string, or a list of parts ({"type": "text", ...})."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return content.get("text") or ""
+    if isinstance(content, list):
+        return "".join(message_text(part) for part in content)
+    return ""
+
+
+def to_messages(history: list[dict]) -> list[dict]:
+    """Gradio's chat history as the plain role/content messages of the chat template."""
+    return [
+        {"role": m["role"], "content": message_text(m["content"])}
+        for m in history
+        if m.get("role") in ("user", "assistant") and not (m.get("metadata") or {}).get("title")
+    ]
+
+
+def build_ui(model, tokenizer, settings: PageSettings):
+    """The page: a Chat tab and, when the model has an adapter, a Compare tab. Launch it with .queue().launch()."""
+    import gradio as gr
+
+    from model_utils import history_that_fits, prompt_length, stream_reply
+
+    slots = GenerationSlots(settings.concurrency)
+    gen = settings.generation
+    max_reply = max(16, settings.context_length // 2)
+
+    def stream(messages: list[dict], temperature: float, top_p: float, max_new_tokens: int, base: bool = False):
+        """Yield the reply as it grows; the oldest turns are left out when the conversation outgrows the context."""
+        args = GenerationArguments(
+            max_new_tokens=int(max_new_tokens),
+            temperature=float(temperature),
+            top_p=float(top_p),
+            top_k=gen.top_k,
+            repetition_penalty=gen.repetition_penalty,
+            seed=gen.seed,
+        )
+        budget = settings.context_length - args.max_new_tokens
+        messages, dropped = history_that_fits(tokenizer, messages, budget)
+        if prompt_length(tokenizer, messages) > budget:
+            raise gr.Error(f"This message is too long for the model's context ({budget} tokens). Please shorten it.")
+        if dropped:
+            gr.Warning(f"The conversation outgrew the context: the oldest {dropped} exchange(s) were left out.")
+        with slots.hold(alone=base), model.disable_adapter() if base else contextlib.nullcontext():
+            try:
+                yield from stream_reply(model, tokenizer, messages, args, timeout=settings.stream_timeout)
+            except TimeoutError as e:
+                raise gr.Error(f"The generation failed: {e} Please try again.") from None
+
+    def check_length(message: str) -> str:
+        message = message_text(message).strip()
+        if not message:
+            raise gr.Error("The message is empty.")
+        if len(message) > settings.max_input_chars:
+            raise gr.Error(
+                f"Your message is {len(message):,} characters long; the limit is {settings.max_input_chars:,}. "
+                "Please shorten it."
+            )
+        return message
+
+    def chat(message, history, temperature, top_p, max_new_tokens):
+        message = check_length(message)
+        messages = [*to_messages(history), {"role": "user", "content": message}]
+        yield from stream(messages, temperature, top_p, max_new_tokens)
+
+    def compare(message, base_history, tuned_history, temperature, top_p, max_new_tokens):
+        message = check_length(message)
+        user = {"role": "user", "content": message}
+        base_history, tuned_history = [*to_messages(base_history), user], [*to_messages(tuned_history), user]
+        yield "", base_history, tuned_history
+        reply = ""
+        for reply in stream(base_history, temperature, top_p, max_new_tokens, base=True):
+            yield "", [*base_history, {"role": "assistant", "content": reply}], tuned_history
+        base_history = [*base_history, {"role": "assistant", "content": reply}]
+        for reply in stream(tuned_history, temperature, top_p, max_new_tokens):
+            yield "", base_history, [*tuned_history, {"role": "assistant", "content": reply}]
+
+    with gr.Blocks(title="QLoRA chat", analytics_enabled=False, fill_height=True) as page:
+        gr.Markdown(f"### {settings.title}")
+        with gr.Accordion("Generation settings", open=False):
+            with gr.Row():
+                temperature = gr.Slider(0, 2, value=gen.temperature, step=0.05, label="Temperature (0: greedy)")
+                top_p = gr.Slider(0.05, 1, value=gen.top_p, step=0.05, label="Top-p")
+                max_new_tokens = gr.Slider(
+                    1, max_reply, value=min(gen.max_new_tokens, max_reply), step=1, label="Max new tokens"
+                )
+        sliders = [temperature, top_p, max_new_tokens]
+        with gr.Tab("Chat"):
+            gr.ChatInterface(
+                chat,
+                additional_inputs=sliders,
+                examples=[[example, None, None, None] for example in EXAMPLES],
+                chatbot=gr.Chatbot(label="Tuned model" if settings.compare else "Base model", scale=1),
+                api_name="chat",
+                analytics_enabled=False,
+                fill_height=True,
+            )
+        if settings.compare:
+            with gr.Tab("Compare with the base model"):
+                with gr.Row():
+                    base_chat = gr.Chatbot(label="Base model (adapter off)", height=420)
+                    tuned_chat = gr.Chatbot(label="Tuned model", height=420)
+                with gr.Row():
+                    box = gr.Textbox(
+                        label="Message", placeholder="One message, two answers", show_label=False, scale=8
+                    )
+                    send = gr.Button("Send", variant="primary", scale=1)
+                    stop = gr.Button("Stop", variant="stop", scale=1)
+                    clear = gr.Button("Clear", scale=1)
+                gr.Examples(EXAMPLES, inputs=box)
+                inputs, outputs = [box, base_chat, tuned_chat, *sliders], [box, base_chat, tuned_chat]
+                sent = gr.on([send.click, box.submit], compare, inputs, outputs, api_name="compare")
+                stop.click(None, cancels=[sent])
+                clear.click(lambda: ("", [], []), None, outputs, api_visibility="private")
+    return page
+
+
+def parse_auth(value: str | None) -> tuple[str, str] | None:
+    value = value or os.environ.get(AUTH_VARIABLE)
+    if not value:
+        return None
+    user, _, password = value.partition(":")
+    if not user or not password:
+        fail(f"--auth (or ${AUTH_VARIABLE}) must look like user:password.")
+    return user, password
+
+
+def main(args: list[str] | None = None):
+    parser = light_argument_parser((AppArguments, GenerationArguments, QuantizationArguments))
+    parser.description = __doc__
+    try:
+        app_args, gen_args, quant_args = parser.parse_args_into_dataclasses(args)
+    except ValueError as e:
+        fail(str(e))
+    auth = parse_auth(app_args.auth)
+    for name in ("concurrency", "queue_size", "max_input_chars"):
+        if getattr(app_args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1.")
+    if app_args.host not in ("127.0.0.1", "localhost", "::1") and auth is None:
+        logger.warning("Listening on %s without --auth: anyone who can reach this port can chat.", app_args.host)
+
+    from model_utils import ModelError, context_length, load_chat_model
+
+    # The model is loaded once, here; every request shares it.
+    try:
+        model, tokenizer = load_chat_model(
+            None if app_args.no_adapter else app_args.adapter, app_args.base, quant_args
+        )
+    except ModelError as e:
+        fail(str(e))
+    base = model.config.name_or_path
+    adapter = getattr(model, "peft_config", {}).get("default")
+    settings = PageSettings(
+        generation=gen_args,
+        title=f"`{base}` + adapter `{app_args.adapter}`" if adapter else f"`{base}` (no adapter)",
+        compare=not app_args.no_adapter,
+        max_input_chars=app_args.max_input_chars,
+        context_length=context_length(model),
+        concurrency=app_args.concurrency,
+        stream_timeout=app_args.stream_timeout,
+    )
+    import gradio as gr
+
+    page = build_ui(model, tokenizer, settings)
+    page.queue(default_concurrency_limit=app_args.concurrency, max_size=app_args.queue_size)
+    # System fonts: the default theme fetches Google Fonts, a request to a third party from every visitor's browser.
+    theme = gr.themes.Default(
+        font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
+    )
+    page.launch(
+        server_name=app_args.host,
+        server_port=app_args.port,
+        share=app_args.share,
+        auth=auth,
+        theme=theme,
+        show_error=True,
+    )
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    main()
