@@ -181,17 +181,21 @@ def build_ui(model, tokenizer, settings: PageSettings):
         messages = [*to_messages(history), {"role": "user", "content": message}]
         yield from stream(messages, temperature, top_p, max_new_tokens)
 
+    def shown(messages: list[dict]) -> list[dict]:
+        """Chatbot values with each text as a text part: Gradio re-indents plain strings (inspect.cleandoc), and
+        what is shown is what the model is given back as history on the next turn."""
+        return [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in messages]
+
     def compare(message, base_history, tuned_history, temperature, top_p, max_new_tokens):
-        message = check_length(message)
-        user = {"role": "user", "content": message}
+        user = {"role": "user", "content": check_length(message)}
         base_history, tuned_history = [*to_messages(base_history), user], [*to_messages(tuned_history), user]
-        yield "", base_history, tuned_history
+        yield "", shown(base_history), shown(tuned_history)
         reply = ""
         for reply in stream(base_history, temperature, top_p, max_new_tokens, base=True):
-            yield "", [*base_history, {"role": "assistant", "content": reply}], tuned_history
-        base_history = [*base_history, {"role": "assistant", "content": reply}]
+            yield "", shown([*base_history, {"role": "assistant", "content": reply}]), shown(tuned_history)
+        base_history.append({"role": "assistant", "content": reply})
         for reply in stream(tuned_history, temperature, top_p, max_new_tokens):
-            yield "", base_history, [*tuned_history, {"role": "assistant", "content": reply}]
+            yield "", shown(base_history), shown([*tuned_history, {"role": "assistant", "content": reply}])
 
     with gr.Blocks(title="QLoRA chat", analytics_enabled=False, fill_height=True) as page:
         gr.Markdown(f"### {settings.title}")

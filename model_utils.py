@@ -315,10 +315,12 @@ def stream_reply(model, tokenizer, messages: list[dict], gen_args: GenerationArg
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=timeout)
     stop = threading.Event()
     failure: list[BaseException] = []
+    final: list[str] = []
 
     def generate():
         try:
-            generate_reply(model, tokenizer, messages, gen_args, streamer, StoppingCriteriaList([StopOnEvent(stop)]))
+            stopping = StoppingCriteriaList([StopOnEvent(stop)])
+            final.append(generate_reply(model, tokenizer, messages, gen_args, streamer, stopping))
         except BaseException as e:  # handed to the consumer, which re-raises it
             failure.append(e)
             streamer.end()
@@ -340,6 +342,10 @@ def stream_reply(model, tokenizer, messages: list[dict], gen_args: GenerationArg
         thread.join(timeout)
     if failure:
         raise failure[0]
+    # The streamer decodes piece by piece and can differ in whitespace (it restarts after a newline); the last
+    # update is the reply decoded whole, as generate_reply returns it.
+    if final and final[0] != shown:
+        yield final[0]
 
 
 def history_that_fits(tokenizer, messages: list[dict], max_tokens: int) -> tuple[list[dict], int]:
