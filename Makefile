@@ -1,6 +1,6 @@
 # The two commands of the README:
 #   make demo   install, then train on a real pretrained model offline and answer a prompt (CPU is enough)
-#   make test   install, then lint and run the test suite
+#   make test   install, then lint and run the test suite (installs Chromium for the browser test when root)
 #
 # Everything installs into .venv. TORCH picks the torch build: the default is the CPU build that the tests need; on a
 # GPU machine use e.g. `make test TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
@@ -10,7 +10,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install chromium clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,19 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check .
 
-test: lint
+test: lint chromium
 	$(PY) -m pytest
+
+# The browser test (tests/test_browser.py) drives Debian's Chromium through Playwright; Playwright's own browser
+# download is not used. Installed here when missing and running as root (as CI does); otherwise say what to do.
+chromium:
+	@if [ -z "$$CHROMIUM" ] && ! command -v chromium >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+		else \
+			echo "The browser test needs Chromium: sudo apt-get install chromium (or set CHROMIUM=/path/to/it)."; \
+		fi; \
+	fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -23,6 +23,7 @@ import threading
 from dataclasses import dataclass, field
 
 from config import GenerationArguments, QuantizationArguments, fail, light_argument_parser
+from inference import check_generation_args
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +213,7 @@ def build_ui(model, tokenizer, settings: PageSettings):
                 chat,
                 additional_inputs=sliders,
                 examples=[[example, None, None, None] for example in EXAMPLES],
-                chatbot=gr.Chatbot(label="Tuned model" if settings.compare else "Base model", scale=1),
+                chatbot=gr.Chatbot(label="Tuned model" if settings.compare else "Base model", scale=1, elem_id="chat"),
                 api_name="chat",
                 analytics_enabled=False,
                 fill_height=True,
@@ -220,15 +221,13 @@ def build_ui(model, tokenizer, settings: PageSettings):
         if settings.compare:
             with gr.Tab("Compare with the base model"):
                 with gr.Row():
-                    base_chat = gr.Chatbot(label="Base model (adapter off)", height=420)
-                    tuned_chat = gr.Chatbot(label="Tuned model", height=420)
+                    base_chat = gr.Chatbot(label="Base model (adapter off)", height=420, elem_id="base-chat")
+                    tuned_chat = gr.Chatbot(label="Tuned model", height=420, elem_id="tuned-chat")
+                box = gr.Textbox(label="Message", placeholder="One message, two answers", show_label=False)
                 with gr.Row():
-                    box = gr.Textbox(
-                        label="Message", placeholder="One message, two answers", show_label=False, scale=8
-                    )
-                    send = gr.Button("Send", variant="primary", scale=1)
-                    stop = gr.Button("Stop", variant="stop", scale=1)
-                    clear = gr.Button("Clear", scale=1)
+                    send = gr.Button("Send", variant="primary")
+                    stop = gr.Button("Stop", variant="stop")
+                    clear = gr.Button("Clear")
                 gr.Examples(EXAMPLES, inputs=box)
                 inputs, outputs = [box, base_chat, tuned_chat, *sliders], [box, base_chat, tuned_chat]
                 sent = gr.on([send.click, box.submit], compare, inputs, outputs, api_name="compare")
@@ -254,6 +253,7 @@ def main(args: list[str] | None = None):
         app_args, gen_args, quant_args = parser.parse_args_into_dataclasses(args)
     except ValueError as e:
         fail(str(e))
+    check_generation_args(gen_args)
     auth = parse_auth(app_args.auth)
     for name in ("concurrency", "queue_size", "max_input_chars"):
         if getattr(app_args, name) < 1:

@@ -104,9 +104,20 @@ def parse_args(args: list[str] | None):
         fail("--merge-to merges an adapter: drop --no-adapter.")
     if inference_args.batch_size < 1:
         fail("--batch-size must be at least 1.")
+    check_generation_args(gen_args)
+    return inference_args, gen_args, quant_args, prompt
+
+
+def check_generation_args(gen_args: GenerationArguments) -> None:
+    """Values generate() would reject mid-way, refused before the model loads."""
     if gen_args.max_new_tokens < 1:
         fail("--max-new-tokens must be at least 1.")
-    return inference_args, gen_args, quant_args, prompt
+    if not 0 < gen_args.top_p <= 1:
+        fail("--top-p must be in (0, 1]; 1 keeps every token.")
+    if gen_args.top_k < 0:
+        fail("--top-k must be 0 (no limit) or more.")
+    if gen_args.repetition_penalty <= 0:
+        fail("--repetition-penalty must be above 0; 1.0 means none.")
 
 
 def main(args: list[str] | None = None):

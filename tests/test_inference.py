@@ -12,7 +12,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import inference
 from config import GenerationArguments, QuantizationArguments
 from data_utils import CHAT_TEMPLATE
-from model_utils import generate_replies, generate_reply, history_that_fits, load_chat_model, prompt_length
+from model_utils import (
+    generate_replies,
+    generate_reply,
+    history_that_fits,
+    load_chat_model,
+    prompt_length,
+    stream_reply,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 GREEDY = GenerationArguments(max_new_tokens=6, temperature=0)
@@ -66,6 +73,8 @@ def test_modes_are_exclusive_and_explained(capsys):
         (["Hello", "--chat"], "choose one of a prompt / --chat"),
         (["--input", "prompts.jsonl"], "--input needs --output"),
         (["--merge-to", "out", "--no-adapter"], "drop --no-adapter"),
+        (["Hello", "--top-p", "0"], "--top-p must be in (0, 1]"),
+        (["Hello", "--repetition-penalty", "0"], "--repetition-penalty must be above 0"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             inference.parse_args(args)
@@ -197,3 +206,21 @@ def test_merge_refuses_a_folder_that_is_not_empty(yes_adapter, tmp_path, capsys)
     with pytest.raises(SystemExit):
         inference.main(["--merge-to", str(tmp_path), "--adapter", str(yes_adapter)])
     assert "not empty" in capsys.readouterr().err and (tmp_path / "keep.txt").read_text() == "work"
+
+
+def test_stream_reply_grows_to_the_whole_reply(base_model):
+    model, tokenizer = base_model
+    messages = [user("Tell me about France")]
+    updates = list(stream_reply(model, tokenizer, messages, GREEDY))
+    assert updates[-1] == generate_reply(model, tokenizer, messages, GREEDY)
+    assert len(updates) > 1 and all(a != b for a, b in zip(updates, updates[1:], strict=False))
+
+
+def test_stream_reply_raises_instead_of_hanging(base_model):
+    model, tokenizer = base_model
+    # A generation that fails in its thread: the error reaches the caller.
+    with pytest.raises(ValueError, match="penalty"):
+        list(stream_reply(model, tokenizer, [user("Hi")], GenerationArguments(repetition_penalty=-1.0)))
+    # A generation slower than the streamer's patience: a clear timeout, not a wait without end.
+    with pytest.raises(TimeoutError, match="produced nothing"):
+        list(stream_reply(model, tokenizer, [user("Hi")], GenerationArguments(max_new_tokens=200), timeout=1e-6))
