@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from config import ReportArguments, fail
+from config import GenerationArguments, ReportArguments, fail
 from data_utils import HUMAN, Conversations
 
 logger = logging.getLogger(__name__)
@@ -81,7 +81,6 @@ def generate_replies(
     batch_size: int = 16,
 ):
     """Greedy replies to each prompt, batched with left padding: [{"reply", "stopped", "clean"}]."""
-    from config import GenerationArguments
     from model_utils import generate_replies as batched_replies
 
     greedy = GenerationArguments(max_new_tokens=max_new_tokens, temperature=0, repetition_penalty=repetition_penalty)
