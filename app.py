@@ -296,9 +296,21 @@ def main(args: list[str] | None = None):
         auth=auth,
         theme=theme,
         show_error=True,
+        quiet=True,  # Gradio's own banner points at launch(share=True); ours names the flags
+        prevent_thread_lock=True,
     )
+    print(f"Chat page: {page.local_url}" + (" (login required)" if auth else ""), flush=True)
+    if page.share_url:
+        print(f"Public link (anyone who has it can chat): {page.share_url}", flush=True)
+    else:
+        print(
+            "Only this machine can open it; --host 0.0.0.0 (with --auth) or --share to open it to others.", flush=True
+        )
+    print("Ctrl-C stops the server.", flush=True)
+    page.block_thread()
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own startup requests, one line each
     main()

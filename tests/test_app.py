@@ -8,7 +8,7 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from app import GenerationSlots, message_text
+from app import AUTH_VARIABLE, GenerationSlots, message_text, parse_auth
 from config import GenerationArguments, QuantizationArguments
 from model_utils import generate_reply, load_chat_model
 
@@ -108,3 +108,14 @@ def test_a_base_reply_waits_until_it_runs_alone():
     assert base_started.wait(10)
     for thread in (*tuned, base):
         thread.join()
+
+
+def test_login_comes_from_the_flag_or_the_environment(monkeypatch, capsys):
+    monkeypatch.delenv(AUTH_VARIABLE, raising=False)
+    assert parse_auth(None) is None  # no login by default (the page listens on 127.0.0.1 only)
+    assert parse_auth("alice:se:cret") == ("alice", "se:cret")
+    monkeypatch.setenv(AUTH_VARIABLE, "bob:pw")
+    assert parse_auth(None) == ("bob", "pw")
+    with pytest.raises(SystemExit):
+        parse_auth("alice")
+    assert "must look like user:password" in capsys.readouterr().err

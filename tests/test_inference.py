@@ -224,3 +224,17 @@ def test_stream_reply_raises_instead_of_hanging(base_model):
     # A generation slower than the streamer's patience: a clear timeout, not a wait without end.
     with pytest.raises(TimeoutError, match="produced nothing"):
         list(stream_reply(model, tokenizer, [user("Hi")], GenerationArguments(max_new_tokens=200), timeout=1e-6))
+
+
+def test_closing_the_stream_stops_the_generation(base_model):
+    # The page's stop button closes the stream: the model must stop at once, not finish the reply unseen.
+    model, tokenizer = base_model
+    forward_calls = []
+    hook = model.register_forward_hook(lambda *_: forward_calls.append(1))
+    try:
+        stream = stream_reply(model, tokenizer, [user("Hi")], GenerationArguments(max_new_tokens=900, temperature=0))
+        next(stream)
+        stream.close()  # returns once the generation thread is done
+        assert len(forward_calls) < 10  # one forward pass per token: it stopped within a few of 900
+    finally:
+        hook.remove()
