@@ -9,11 +9,15 @@ error (the QLoRA repo silently dropped unknown flags, so its own launch scripts 
 Training-loop settings are TRL's `SFTConfig` (see `TrainingConfig` below for the defaults we change).
 """
 
+import difflib
+import enum
 import functools
 import logging
 import sys
-from dataclasses import dataclass, field
-from typing import Literal, NoReturn
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Literal, NoReturn, Union
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +264,7 @@ def _training_config_class() -> type:
         save_steps: float = field(default=100, metadata={"help": "Save a checkpoint every N steps."})
         save_total_limit: int | None = field(default=3, metadata={"help": "Keep only the newest N checkpoints."})
         logging_steps: float = field(default=10, metadata={"help": "Log the loss every N steps."})
-        report_to: str | None = field(
+        report_to: None | str | list[str] = field(
             default="tensorboard",
             metadata={"help": "Where to send training logs: tensorboard (in output_dir/runs), wandb, trackio, none."},
         )
@@ -272,7 +276,20 @@ def _training_config_class() -> type:
                 "default turns it on for PEFT models)."
             },
         )
-        resume: bool = field(default=False, metadata={"help": "Continue from the latest checkpoint in --output_dir."})
+        resume: bool = field(
+            default=False,
+            metadata={
+                "help": "Continue from the latest complete checkpoint in --output_dir (a checkpoint whose save was "
+                "cut short is skipped). Also extends a finished run to a larger --max_steps."
+            },
+        )
+        overwrite: bool = field(
+            default=False,
+            metadata={
+                "help": "Start over in an --output_dir that holds a previous run: its checkpoints and adapter are "
+                "deleted when the new run starts training. Without it a finished run is never overwritten."
+            },
+        )
 
         def __post_init__(self):
             # Decide precision and optimizer for the hardware before SFTConfig validates them.
@@ -323,7 +340,13 @@ def parse_train_args(args: list[str] | None = None):
     from trl import TrlParser
 
     dataclasses = (ModelArguments, QuantizationArguments, LoraArguments, DataArguments, ReportArguments)
-    parser = TrlParser((*dataclasses, _training_config_class()))
+    parser = one_line_errors(TrlParser((*dataclasses, _training_config_class())))
+    args = list(sys.argv[1:] if args is None else args)
+    if "--config" in args:
+        position = args.index("--config") + 1
+        if position == len(args):
+            raise ConfigError("--config needs a YAML file.")
+        check_yaml_config(args[position], (*dataclasses, _training_config_class()))
     return parser.parse_args_and_config(args)
 
 
@@ -355,7 +378,95 @@ def light_argument_parser(dataclass_types, **kwargs):
     return HfArgumentParser(dataclass_types, **kwargs)
 
 
+def one_line_errors(parser):
+    """argparse prints the whole usage (hundreds of lines with SFTConfig) before a bad flag's error: one line."""
+
+    def error(message: str) -> NoReturn:
+        fail(f"{message} (see --help)")
+
+    parser.error = error
+    return parser
+
+
+def check_yaml_config(path: str, dataclass_types: tuple) -> None:
+    """What TrlParser does not check in a --config file: that it reads, that every key is a setting (with the
+    closest name when not), and that every value has the setting's type (TrlParser passes YAML values through)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read the config file {path}: {e.strerror}.") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} must be a YAML mapping of settings (key: value lines).")
+    settings = {}
+    for cls in dataclass_types:
+        try:
+            hints = typing.get_type_hints(cls)
+        except (NameError, TypeError):  # an annotation that cannot be resolved: no type check for that class
+            hints = {}
+        settings.update({f.name: hints.get(f.name, typing.Any) for f in fields(cls) if f.init})
+    for key, value in config.items():
+        if key == "env":  # TrlParser's environment variables
+            continue
+        if key not in settings:
+            close = difflib.get_close_matches(str(key), settings, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else " (python train.py --help lists the settings)"
+            raise ConfigError(f"{path}: unknown setting {key!r}{hint}.")
+        if not value_fits(value, settings[key]):
+            raise ConfigError(
+                f"{path}: {key} must be {type_name(settings[key])}, got {value!r} ({type(value).__name__})."
+            )
+
+
+def value_fits(value, annotation) -> bool:
+    """Whether a YAML value can become a setting of this type (argparse converts strings like "2e-4" to numbers)."""
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        return any(value_fits(value, option) for option in typing.get_args(annotation))
+    if origin is Literal:
+        return value in typing.get_args(annotation)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool) or str(value).lower() in ("true", "false", "yes", "no", "1", "0")
+    if annotation in (int, float):
+        if isinstance(value, bool):
+            return False
+        if isinstance(value, str):
+            try:
+                annotation(value)
+            except ValueError:
+                return False
+            return True
+        return isinstance(value, int) or (annotation is float and isinstance(value, float))
+    if annotation is str:
+        return isinstance(value, str)
+    if annotation in (list, tuple) or origin in (list, tuple):
+        return isinstance(value, list)
+    if annotation is dict or origin is dict:
+        return isinstance(value, dict)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return value in {member.value for member in annotation} or isinstance(value, str)
+    return True  # a type we do not know: the parser decides
+
+
+def type_name(annotation) -> str:
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        return " or ".join(type_name(option) for option in typing.get_args(annotation))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(choice) for choice in typing.get_args(annotation))
+    if annotation is type(None):
+        return "null"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "text (quote it)"}
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
     """A user's mistake: one clear line on stderr and a non-zero exit, never a traceback."""
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
     raise SystemExit(code)

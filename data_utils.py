@@ -235,12 +235,23 @@ def filter_messages(rows: list[dict], langs: list[str]) -> tuple[dict[str, dict]
     counts = Counter(messages=len(rows))
     for name in ("deleted", "rejected", "other_language", "orphaned"):
         counts[name] = 0
+    if langs:
+        present = Counter(row.get("lang") for row in rows if isinstance(row, dict))
+        unknown = [lang for lang in langs if lang not in present]
+        listed = ", ".join(f"{lang} ({n})" for lang, n in present.most_common(12) if lang) or "no lang column"
+        if len(unknown) == len(langs):
+            raise DataError(f"no message has the language code {', '.join(unknown)} (--langs); the data has {listed}.")
+        if unknown:
+            logger.warning(
+                "--langs: no message has the language code %s; the data has %s.", ", ".join(unknown), listed
+            )
     candidates = {}
     for number, row in enumerate(rows, start=1):
         try:
             message_id, role, text = row["message_id"], row["role"], row["text"]
-        except KeyError as e:
-            raise DataError(f"row {number} lacks the oasst1 column {e}.") from None
+        except (KeyError, TypeError) as e:
+            missing = e if isinstance(e, KeyError) else "'message_id' (not a JSON object)"
+            raise DataError(f"row {number} lacks the oasst1 column {missing}.") from None
         if row.get("deleted"):
             counts["deleted"] += 1
         elif row.get("review_result") is False:
@@ -381,8 +392,13 @@ def load_conversations(
     if kind == "user":
         if policy == "replies":
             logger.warning("--policy replies applies to oasst1 data; your conversations are used whole.")
+        if langs:
+            logger.warning("--langs applies to oasst1 data (its lang column); your conversations are used whole.")
         return Conversations(records, loss_on="all", counts=Counter(conversations=len(records)))
-    kept, counts = filter_messages(records, langs or [])
+    try:
+        kept, counts = filter_messages(records, langs or [])
+    except DataError as e:
+        raise DataError(f"{source}: {e}") from None
     tree = Tree(kept)
     if policy == "best":
         examples, loss_on = best_path_conversations(tree), "all"
@@ -444,6 +460,43 @@ def drop_long_examples(conversations: Conversations, tokenizer, max_length: int 
     return Conversations(kept, conversations.loss_on, counts)
 
 
+def check_max_length(conversations: Conversations, tokenizer, max_length: int | None) -> None:
+    """--max_length must leave room for what the loss covers: truncation keeps the start of an example, so an example
+    whose first trained reply starts past max_length tokens trains nothing (every label masked)."""
+    if max_length is None:
+        return
+    empty = [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]
+    overhead = len(tokenizer.apply_chat_template(empty, return_dict=True)["input_ids"])
+    if max_length <= overhead:
+        raise DataError(
+            f"--max_length {max_length} is too short for the conversation template: an empty exchange already takes "
+            f"{overhead} tokens (the default is 512)."
+        )
+    # The prompt before the first reply in the loss: the first user turn, or the whole context for loss on the last.
+    context = 1 if conversations.loss_on == "all" else -1
+    starts = [
+        len(
+            tokenizer.apply_chat_template(e["messages"][:context], add_generation_prompt=True, return_dict=True)[
+                "input_ids"
+            ]
+        )
+        for e in conversations.examples
+    ]
+    untrainable = sum(start >= max_length for start in starts)
+    if untrainable == len(starts):
+        raise DataError(
+            f"--max_length {max_length} is too short for this data: in every example the prompt before the first "
+            "trained reply is longer, so nothing would be trained; raise --max_length."
+        )
+    if untrainable:
+        logger.warning(
+            "%d of %d examples have a prompt longer than --max_length %d: truncation leaves them nothing to train.",
+            untrainable,
+            len(starts),
+            max_length,
+        )
+
+
 def to_training_records(conversations: Conversations) -> list[dict]:
     """Rows for TRL's SFTTrainer: conversational `messages` (loss on all assistant turns), or prompt/completion
     (loss on the completion, i.e. the final reply, only)."""
@@ -472,10 +525,11 @@ class ExportArguments:
 def main(args: list[str] | None = None) -> Conversations:
     from transformers import HfArgumentParser
 
-    from config import DataArguments, fail
+    from config import DataArguments, fail, one_line_errors
 
+    parser = one_line_errors(HfArgumentParser((DataArguments, ExportArguments)))
     try:
-        data_args, export_args = HfArgumentParser((DataArguments, ExportArguments)).parse_args_into_dataclasses(args)
+        data_args, export_args = parser.parse_args_into_dataclasses(args)
     except ValueError as e:
         fail(str(e))
     try:

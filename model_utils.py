@@ -3,16 +3,27 @@
 Written once and imported by train.py, inference.py and app.py, so all three load and prompt the same way.
 """
 
+import contextlib
+import json
 import logging
 import os
 import queue
 import re
+import shutil
+import signal
+import tempfile
 import threading
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TrainerCallback,
+)
 
 from config import GenerationArguments, ModelArguments, QuantizationArguments
 from data_utils import CHAT_TEMPLATE
@@ -21,6 +32,13 @@ from quantization_utils import build_bnb_config, compute_dtype, fsdp_enabled, qu
 logger = logging.getLogger(__name__)
 
 ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+RUN_CONFIG = "run_config.yaml"  # written last by train.py: its presence means the run finished
+# What `--resume` needs from a checkpoint, in the order the Trainer writes them (Trainer._save_checkpoint): the
+# adapter, the optimizer and scheduler, the RNG state (rng_state.pth, or rng_state_<rank>.pth per process), and
+# trainer_state.json last. The Trainer writes in place (no temporary folder), so a kill mid-save leaves a folder
+# with only the first few: a checkpoint counts only when all are there and trainer_state.json parses.
+RESUME_FILES = (ADAPTER_FILE, ADAPTER_CONFIG, "optimizer.pt", "scheduler.pt", "rng_state*.pth", "trainer_state.json")
 
 
 class ModelError(ValueError):
@@ -31,6 +49,7 @@ def load_tokenizer(
     name_or_path: str, revision: str | None = None, trust_remote_code: bool = False
 ) -> PreTrainedTokenizerBase:
     """The base model's tokenizer with our conversation template installed as its chat_template."""
+    check_model_source(name_or_path, "tokenizer_config.json")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as e:
@@ -45,12 +64,34 @@ def load_tokenizer(
     return tokenizer
 
 
+def looks_like_path(name_or_path: str) -> bool:
+    """A local path rather than a Hub id ("org/name"): it exists, starts like a path, has more than one "/", or its
+    parent folder is here (cache/tiny-phi before tiny_model.py made it)."""
+    path = Path(name_or_path).expanduser()
+    return (
+        path.exists()
+        or name_or_path.startswith((".", "/", "~"))
+        or name_or_path.count("/") > 1
+        or (name_or_path.count("/") == 1 and path.parent.is_dir())
+    )
+
+
+def check_model_source(name_or_path: str, required_file: str = "config.json") -> None:
+    """A local model or tokenizer must be a folder saved with save_pretrained; anything else is taken for a Hub id."""
+    path = Path(name_or_path).expanduser()
+    if looks_like_path(name_or_path) and not path.exists():
+        raise ModelError(f"no model folder at {name_or_path}: pass a folder saved with save_pretrained, or a Hub id.")
+    if path.exists() and not (path / required_file).is_file():
+        raise ModelError(f"{name_or_path} is not a model folder (it has no {required_file}).")
+
+
 def unreachable_model_message(name_or_path: str, error: Exception) -> str:
-    if Path(name_or_path).exists() or "/" not in name_or_path or name_or_path.startswith((".", "/")):
+    if looks_like_path(name_or_path):
         return f"cannot load a model from {name_or_path}: {str(error).splitlines()[0]}"
     return (
         f"cannot download {name_or_path} from the Hugging Face Hub (no network?). Download it where there is one "
-        f"(huggingface-cli download {name_or_path} --local-dir DIR) and pass --model DIR."
+        f"(huggingface-cli download {name_or_path} --local-dir DIR), or use a copy you have, and pass its folder: "
+        f"--model DIR (train.py) or --base DIR (inference.py)."
     )
 
 
@@ -79,19 +120,26 @@ def load_model(
         raise ModelError(
             "FSDP shards only float tensors: use --bnb_4bit_quant_storage auto (the compute dtype) with FSDP."
         )
+    attn_implementation = model_args.attn_implementation
+    if attn_implementation == "flash_attention_2" and not torch.cuda.is_available():
+        logger.warning("--attn_implementation flash_attention_2 needs a CUDA GPU: using sdpa on CPU.")
+        attn_implementation = "sdpa"
+    check_model_source(model_args.model_name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_args.model_name_or_path,
             revision=model_args.model_revision,
             quantization_config=build_bnb_config(quant_args),
             dtype=compute_dtype(quant_args),
-            attn_implementation=model_args.attn_implementation,
+            attn_implementation=attn_implementation,
             device_map=device_map(),
             trust_remote_code=trust_remote_code,
             use_safetensors=True,  # pickled .bin weights can run code when loaded
         )
     except OSError as e:
         raise ModelError(unreachable_model_message(model_args.model_name_or_path, e)) from None
+    except ImportError as e:  # flash-attn not installed, a kernel package missing
+        raise ModelError(f"{str(e).splitlines()[0]} (or use --attn_implementation sdpa)") from None
     return model
 
 
@@ -111,6 +159,19 @@ def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset=N
     from peft import prepare_model_for_kbit_training
     from trl import SFTTrainer
 
+    class QLoRATrainer(SFTTrainer):
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            # For a 4-bit base TRL trains the LoRA weights in bf16 (QLoRA paper), but on --resume the Trainer loads
+            # the adapter with peft's load_adapter, which upcasts it to float32 (autocast_adapter_dtype=True): the
+            # resumed run would continue in another precision than the run it continues (measured: final adapters
+            # 5.6e-4 apart after 3 steps). Put every trainable weight back in its dtype before the optimizer is
+            # built; resumed and uninterrupted runs are then identical (tests/test_resume.py).
+            dtypes = {name: p.dtype for name, p in self.model.named_parameters() if p.requires_grad}
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            for name, param in self.model.named_parameters():
+                if name in dtypes and param.dtype != dtypes[name]:
+                    param.data = param.data.to(dtypes[name])
+
     if getattr(model, "is_loaded_in_4bit", False):
         keep_4bit_weights_trainable_on_cpu(model)
     if getattr(model, "is_loaded_in_4bit", False) and not fsdp_enabled():
@@ -121,7 +182,7 @@ def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset=N
             use_gradient_checkpointing=training_args.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    return SFTTrainer(
+    return QLoRATrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -147,6 +208,41 @@ def global_batch_message(trainer) -> str:
     return message
 
 
+class StopOnSignal(TrainerCallback):
+    """After Ctrl-C (SIGINT) or SIGTERM (a cluster's preemption, `kill`): save a checkpoint at the end of the current
+    optimizer step and stop, so that --resume continues exactly there. Installed by `stop_on_signal`."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+
+    def handle(self, signum, frame):
+        if self.signal_name is not None:  # a second signal: give up on the clean stop
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        logger.warning("%s: saving a checkpoint after this step, then stopping (again to abort).", self.signal_name)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signal_name is not None:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+@contextlib.contextmanager
+def stop_on_signal(trainer):
+    """`with stop_on_signal(trainer) as stop: trainer.train()`; afterwards `stop.signal_name` says whether a signal
+    stopped the run. The previous handlers are back once the block ends."""
+    callback = StopOnSignal()
+    trainer.add_callback(callback)
+    previous = {signum: signal.signal(signum, callback.handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield callback
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        trainer.remove_callback(callback)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints and adapters
 
@@ -157,34 +253,151 @@ def checkpoint_step(path: Path) -> int:
 
 
 def is_complete_checkpoint(path: Path) -> bool:
-    """The Trainer writes trainer_state.json after the weights: without both, the save was cut short."""
-    return (path / ADAPTER_FILE).is_file() and (path / "trainer_state.json").is_file()
+    """Every file --resume needs is there, and trainer_state.json (written last) is whole and names this step."""
+    if not all(any(path.glob(pattern)) for pattern in RESUME_FILES):
+        return False
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(state, dict) and state.get("global_step") == checkpoint_step(path)
+
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """The `checkpoint-N` folders in output_dir, oldest first."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if p.is_dir() and checkpoint_step(p) >= 0), key=checkpoint_step)
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete `checkpoint-N` folder in output_dir, or None."""
+    """The newest complete `checkpoint-N` folder in output_dir, or None; incomplete ones are skipped, never loaded."""
+    latest = None
+    for checkpoint in checkpoints(output_dir):
+        if is_complete_checkpoint(checkpoint):
+            latest = checkpoint
+        else:
+            logger.warning("Skipping %s: it is incomplete (a save was interrupted).", checkpoint)
+    return latest
+
+
+def remove_incomplete_checkpoints(output_dir: str | Path, resume_from: Path | None = None) -> None:
+    """Before training: delete the partial saves after the checkpoint we resume from (all of them on a fresh start).
+    The Trainer writes the same folder names again, in place, and a stale file from an interrupted save must not end
+    up in a new checkpoint."""
+    after = checkpoint_step(resume_from) if resume_from else -1
+    for checkpoint in checkpoints(output_dir):
+        if checkpoint_step(checkpoint) > after and not is_complete_checkpoint(checkpoint):
+            logger.warning("Removing %s: a save that was interrupted.", checkpoint)
+            shutil.rmtree(checkpoint)
+
+
+def is_finished_run(output_dir: str | Path) -> bool:
+    """A final adapter or the run_config.yaml that train.py writes when a run ends."""
     folder = Path(output_dir)
-    if not folder.is_dir():
+    return (folder / RUN_CONFIG).is_file() or (folder / ADAPTER_CONFIG).is_file()
+
+
+def check_output_dir(output_dir: str | Path, resume: bool = False, overwrite: bool = False) -> Path | None:
+    """What a run may do with its output folder; returns the checkpoint to resume from. A finished run is never
+    trained over without --overwrite; a folder with only checkpoints is an unfinished run: --resume continues it."""
+    if resume and overwrite:
+        raise ModelError(f"--resume continues the run in {output_dir} and --overwrite replaces it: pass only one.")
+    check_writable(output_dir)
+    if resume:
+        checkpoint = latest_checkpoint(output_dir)
+        if checkpoint is None:
+            raise ModelError(f"--resume: no complete checkpoint in {output_dir}; run without --resume to start.")
+        return checkpoint
+    if overwrite:
         return None
-    checkpoints = [p for p in folder.iterdir() if p.is_dir() and checkpoint_step(p) >= 0]
-    complete = [p for p in checkpoints if is_complete_checkpoint(p)]
-    for skipped in set(checkpoints) - set(complete):
-        logger.warning("Skipping %s: it is incomplete (a save was interrupted).", skipped)
-    return max(complete, key=checkpoint_step, default=None)
+    if is_finished_run(output_dir):
+        raise ModelError(
+            f"{output_dir} holds a finished run: pass --overwrite to replace it, --resume with a larger --max_steps "
+            "to extend it, or choose another --output_dir."
+        )
+    previous = [checkpoint for checkpoint in checkpoints(output_dir) if is_complete_checkpoint(checkpoint)]
+    if previous:
+        raise ModelError(
+            f"{output_dir} holds the checkpoints of an unfinished run (up to {previous[-1].name}): continue it with "
+            "--resume, or pass --overwrite to start over."
+        )
+    return None
+
+
+def remove_previous_run(output_dir: str | Path) -> None:
+    """--overwrite: delete what would make the old run look like part of the new one (its checkpoints, which
+    --resume would pick, and its final adapter and run config); the new run's files replace the rest."""
+    folder = Path(output_dir)
+    removed = [str(checkpoint) for checkpoint in checkpoints(folder)]
+    for checkpoint in checkpoints(folder):
+        shutil.rmtree(checkpoint)
+    for name in (RUN_CONFIG, ADAPTER_CONFIG, ADAPTER_FILE):
+        if (folder / name).is_file():
+            (folder / name).unlink()
+            removed.append(str(folder / name))
+    if removed:
+        logger.warning("--overwrite: removed the previous run's %s.", ", ".join(removed))
+
+
+def check_writable(output_dir: str | Path) -> None:
+    """Fail before hours of training, not at the first checkpoint; creates nothing (a probe file is removed)."""
+    folder = Path(output_dir).absolute()
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ModelError(f"cannot write to {output_dir}: {existing} is a file, not a folder.")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ModelError(f"cannot write to {output_dir}: {e.strerror} ({existing}).") from None
 
 
 def find_adapter(path: str | Path) -> Path:
-    """The final adapter in `path`, else its latest checkpoint."""
+    """The final adapter in `path`, else its latest checkpoint (one with an adapter file is enough here)."""
     folder = Path(path)
-    if (folder / "adapter_config.json").is_file():
+    if not folder.exists():
+        raise ModelError(f"no adapter at {folder}: train one with `python train.py`, or pass --adapter DIR.")
+    if not folder.is_dir():
+        raise ModelError(f"{folder} is a file: --adapter takes the folder that holds adapter_config.json.")
+    if (folder / ADAPTER_CONFIG).is_file():
+        check_adapter_files(folder)
         return folder
     checkpoint = latest_checkpoint(folder)
     if checkpoint is not None:
         logger.info("No final adapter in %s: using %s.", folder, checkpoint)
         return checkpoint
-    if not folder.exists():
-        raise ModelError(f"no adapter at {folder}: train one with `python train.py`, or pass --adapter DIR.")
-    raise ModelError(f"{folder} holds no LoRA adapter (adapter_config.json) and no checkpoint.")
+    raise ModelError(
+        f"{folder} is not a LoRA adapter: it holds no adapter_config.json and no complete checkpoint-N folder."
+    )
+
+
+def check_adapter_files(folder: Path) -> None:
+    """Safetensors only: a pickled adapter_model.bin can run code when loaded, so it is refused, not loaded."""
+    if not (folder / ADAPTER_FILE).is_file():
+        if (folder / "adapter_model.bin").is_file():
+            raise ModelError(
+                f"{folder} holds a pickled adapter_model.bin, which is never loaded (unpickling can run code); "
+                f"save the adapter with safetensors ({ADAPTER_FILE})."
+            )
+        raise ModelError(f"{folder} has {ADAPTER_CONFIG} but no {ADAPTER_FILE}: the adapter is incomplete.")
+    try:
+        config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{folder / ADAPTER_CONFIG} is not valid JSON ({e}).") from None
+    if not isinstance(config, dict) or "peft_type" not in config:
+        raise ModelError(f"{folder / ADAPTER_CONFIG} is not a PEFT adapter config (no peft_type).")
+
+
+def same_model(a: str, b: str) -> bool:
+    """Two names of one base model: equal, or the same local folder."""
+    if a == b:
+        return True
+    path_a, path_b = Path(a).expanduser(), Path(b).expanduser()
+    return path_a.exists() and path_b.exists() and path_a.resolve() == path_b.resolve()
 
 
 def load_chat_model(
@@ -199,7 +412,13 @@ def load_chat_model(
     quant_args = quant_args or QuantizationArguments()
     adapter_dir = find_adapter(adapter) if adapter is not None else None
     if adapter_dir is not None:
-        base = base or PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
+        trained_on = PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
+        if base is not None and trained_on and not same_model(trained_on, base):
+            raise ModelError(
+                f"the adapter in {adapter_dir} was trained on {trained_on}, not {base}: leave --base out to use "
+                f"{trained_on} (if {base} is a copy of it, set base_model_name_or_path in {ADAPTER_CONFIG})."
+            )
+        base = base or trained_on
     if base is None:
         raise ModelError("no base model: pass --base MODEL.")
     has_tokenizer = adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file()

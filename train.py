@@ -8,17 +8,25 @@
     python train.py --help                                   # every setting, with its reason
 
 Writes to --output_dir (model/ by default): checkpoint-N/ folders while training, then the final LoRA adapter, the
-tokenizer with its chat template, and run_config.yaml (every setting of this run; pass it back with --config).
+tokenizer with its chat template, and run_config.yaml last (every setting of this run; pass it back with --config).
+A folder with a finished run is never trained into again without --overwrite (or --resume, to extend it).
+
+Crashes and interruptions: the Trainer writes each checkpoint's files in turn, trainer_state.json last; --resume takes
+the newest checkpoint that has them all and skips one whose save was cut short (kill -9, power loss, full disk).
+Ctrl-C or SIGTERM saves a checkpoint at the end of the current step, then exits with the command that resumes.
 """
 
 import logging
+import shlex
+import signal
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import yaml
 
 from config import ConfigError, fail, parse_train_args
-from data_utils import DataError, drop_long_examples, load_train_and_eval, to_training_records
+from data_utils import DataError, check_max_length, drop_long_examples, load_train_and_eval, to_training_records
 from evaluate import describe_hardware
 
 logger = logging.getLogger(__name__)
@@ -38,43 +46,44 @@ def main(args: list[str] | None = None):
     from model_utils import (
         ModelError,
         build_trainer,
+        check_output_dir,
         global_batch_message,
         is_main_process,
-        latest_checkpoint,
         load_model,
         load_tokenizer,
+        remove_incomplete_checkpoints,
+        remove_previous_run,
+        stop_on_signal,
     )
 
     if not is_main_process():  # under torchrun/accelerate launch the main process speaks for all
         logging.getLogger().setLevel(logging.WARNING)
     set_seed(training_args.seed)
-    resume_from = None
-    if training_args.resume:
-        resume_from = latest_checkpoint(training_args.output_dir)
-        if resume_from is None:
-            fail(f"--resume: no complete checkpoint in {training_args.output_dir}; run without --resume to start.")
-        logger.info("Resuming from %s", resume_from)
+    output_dir = training_args.output_dir
 
-    # 1. Data: oasst1 (or your conversations) -> examples in the conversation template.
+    # 1. Data: oasst1 (or your conversations) -> examples in the conversation template. Every check a user's input can
+    #    fail comes before the model loads, and before anything is written.
     try:
         train_data, eval_data = load_train_and_eval(data_args)
-    except DataError as e:
+        # Where to write: never over a finished run; an unfinished one is continued with --resume.
+        resume_from = check_output_dir(output_dir, training_args.resume, training_args.overwrite)
+    except (DataError, ModelError) as e:
         fail(str(e))
+    if resume_from:
+        logger.info("Resuming from %s", resume_from)
 
     # 2. Tokenizer (with the template as its chat_template) and the 4-bit base model.
     try:
         tokenizer = load_tokenizer(
             model_args.model_name_or_path, model_args.model_revision, training_args.trust_remote_code
         )
-        model = load_model(model_args, quant_args, training_args.trust_remote_code)
-    except ModelError as e:
-        fail(str(e))
-    if data_args.long_examples == "drop":
-        try:
+        if data_args.long_examples == "drop":
             train_data = drop_long_examples(train_data, tokenizer, training_args.max_length)
             eval_data = eval_data and drop_long_examples(eval_data, tokenizer, training_args.max_length)
-        except DataError as e:
-            fail(str(e))
+        check_max_length(train_data, tokenizer, training_args.max_length)
+        model = load_model(model_args, quant_args, training_args.trust_remote_code)
+    except (DataError, ModelError) as e:
+        fail(str(e))
 
     # 3. Trainer: SFTTrainer tokenizes, masks the loss to assistant turns, and adds the LoRA adapter.
     trainer = build_trainer(
@@ -89,13 +98,28 @@ def main(args: list[str] | None = None):
         trainer.model.print_trainable_parameters()
         logger.info(global_batch_message(trainer))
 
-    # 4. Train (progress bar and loss lines come from the Trainer).
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    # 4. Train (progress bar and loss lines come from the Trainer). Only now is the previous run cleared away.
+    if is_main_process():  # the process that writes checkpoints
+        if training_args.overwrite:
+            remove_previous_run(output_dir)
+        remove_incomplete_checkpoints(output_dir, resume_from)
+    with stop_on_signal(trainer) as stop:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if stop.signal_name:
+        command = [sys.argv[0], *(sys.argv[1:] if args is None else args)]
+        command = [arg for arg in command if arg not in ("--resume", "--overwrite")] + ["--resume"]
+        logger.warning(
+            "Stopped by %s at step %d; the checkpoint is saved in %s. Continue with:\n  python %s",
+            stop.signal_name,
+            trainer.state.global_step,
+            output_dir,
+            shlex.join(command),
+        )
+        raise SystemExit(128 + signal.Signals[stop.signal_name])
 
     # 5. Save the adapter, the tokenizer with its chat template, the loss history, and every setting of this run.
     # Under torchrun/accelerate every process calls the Trainer's savers (they write on the main process only, and
     # FSDP needs all processes to gather the weights); the main process writes the rest while the others wait.
-    output_dir = training_args.output_dir
     trainer.save_model(output_dir)
     trainer.save_state()
     metrics = {
@@ -114,10 +138,14 @@ def main(args: list[str] | None = None):
             **asdict(data_args),
             **asdict(report_args),
             **{k: v for k, v in training_args.to_dict().items() if not k.startswith("_")},
-            "resume": False,  # the file reproduces the run; resuming is a choice made on the command line
+            # The file reproduces the run; resuming or replacing a run is a choice made on the command line.
+            "resume": False,
+            "overwrite": False,
         }
-        with open(f"{output_dir}/run_config.yaml", "w") as f:
+        # run_config.yaml last: it marks the run as finished (a folder without it has no final adapter to trust).
+        with open(f"{output_dir}/run_config.yaml.tmp", "w") as f:
             yaml.safe_dump(run_config, f, sort_keys=False)
+        Path(f"{output_dir}/run_config.yaml.tmp").replace(f"{output_dir}/run_config.yaml")
         logger.info("Saved the adapter to %s (train loss %.4f).", output_dir, result.training_loss)
     trainer.accelerator.wait_for_everyone()  # every process returns with the output folder complete
 
@@ -135,4 +163,8 @@ def main(args: list[str] | None = None):
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one: nothing half-saved is ever resumed
+        print("error: aborted; --resume continues from the last complete checkpoint, if any.", file=sys.stderr)
+        raise SystemExit(130) from None

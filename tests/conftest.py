@@ -121,3 +121,18 @@ def chat_server(yes_adapter, tmp_path_factory):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def folder_snapshot(folder: Path) -> dict[str, str]:
+    """Every file and folder under `folder` with a hash of its bytes: equal snapshots mean nothing was written."""
+    import hashlib
+
+    return {
+        str(path.relative_to(folder)): "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(Path(folder).rglob("*"))
+    }
+
+
+@pytest.fixture(scope="session")
+def snapshot():
+    return folder_snapshot
