@@ -211,11 +211,6 @@ def test_filters_remove_deleted_rejected_other_languages_and_orphans(rows, tmp_p
     assert load_conversations(str(path)).counts["other_language"] == 0
 
 
-def test_no_examples_left_names_the_filters(sample_path):
-    with pytest.raises(DataError, match="in other languages"):
-        load_conversations(str(sample_path), langs=["fr"])
-
-
 def test_own_data_messages_and_text_lines(tmp_path):
     messages = [
         {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
@@ -244,10 +239,6 @@ def test_own_data_messages_and_text_lines(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [messages[0], {"messages": [{"role": "system", "content": "x"}]}])
     with pytest.raises(DataError, match="example 2: role 'system' is not supported"):
         load_conversations(str(bad))
-    broken = tmp_path / "broken.jsonl"
-    broken.write_text(json.dumps(messages[0]) + "\n{not json\n", encoding="utf-8")
-    with pytest.raises(DataError, match="broken.jsonl:2: not valid JSON"):
-        load_conversations(str(broken))
 
 
 def test_split_by_tree_is_disjoint_and_stable(sample_path):

@@ -122,12 +122,12 @@ def test_no_examples_left_after_filters_says_which_filter_removed_what(workdir, 
 
 def test_unknown_language_code(workdir, capsys, snapshot, tiny_phi, sample_path):
     message = train_error(["--dataset", str(sample_path), "--langs", "english"], workdir, capsys, snapshot, tiny_phi)
-    assert message.startswith("no message has the language code english (--langs); the data has en (")
+    assert message == f"{sample_path}: no message has the language code english (--langs); the data has en (1167)."
 
 
 def test_unknown_policy(workdir, chat_file, capsys, snapshot, tiny_phi):
     message = train_error(["--dataset", "chat.jsonl", "--policy", "longest"], workdir, capsys, snapshot, tiny_phi)
-    assert message == "argument --policy: invalid choice: 'longest' (choose from best, replies) (see --help)"
+    assert message == "argument --policy: invalid choice: 'longest' (choose from 'best', 'replies') (see --help)"
 
 
 # ---------------------------------------------------------------------------------------------------------------
