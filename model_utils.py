@@ -222,6 +222,13 @@ class StopOnSignal(TrainerCallback):
         logger.warning("%s: saving a checkpoint after this step, then stopping (again to abort).", self.signal_name)
 
     def on_step_end(self, args, state, control, **kwargs):
+        if args.world_size > 1 and torch.distributed.is_initialized():
+            # Under torchrun each process gets the signal at its own moment: agree on the step to stop at, or one
+            # process would wait forever for the others in the next step's gradient all-reduce.
+            stop = torch.tensor(int(self.signal_name is not None), device=args.device)
+            torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
+            if stop.item() and self.signal_name is None:
+                self.signal_name = "SIGTERM"  # received by another process
         if self.signal_name is not None:
             control.should_save = True
             control.should_training_stop = True

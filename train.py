@@ -61,18 +61,22 @@ def main(args: list[str] | None = None):
     set_seed(training_args.seed)
     output_dir = training_args.output_dir
 
-    # 1. Data: oasst1 (or your conversations) -> examples in the conversation template. Every check a user's input can
-    #    fail comes before the model loads, and before anything is written.
+    # Every check a user's input can fail comes before the model loads, and before anything is written.
+    # 1. Where to write: never over a finished run; an unfinished one is continued with --resume.
     try:
-        train_data, eval_data = load_train_and_eval(data_args)
-        # Where to write: never over a finished run; an unfinished one is continued with --resume.
         resume_from = check_output_dir(output_dir, training_args.resume, training_args.overwrite)
-    except (DataError, ModelError) as e:
+    except ModelError as e:
         fail(str(e))
     if resume_from:
         logger.info("Resuming from %s", resume_from)
 
-    # 2. Tokenizer (with the template as its chat_template) and the 4-bit base model.
+    # 2. Data: oasst1 (or your conversations) -> examples in the conversation template.
+    try:
+        train_data, eval_data = load_train_and_eval(data_args)
+    except DataError as e:
+        fail(str(e))
+
+    # 3. Tokenizer (with the template as its chat_template) and the 4-bit base model.
     try:
         tokenizer = load_tokenizer(
             model_args.model_name_or_path, model_args.model_revision, training_args.trust_remote_code
@@ -85,7 +89,7 @@ def main(args: list[str] | None = None):
     except (DataError, ModelError) as e:
         fail(str(e))
 
-    # 3. Trainer: SFTTrainer tokenizes, masks the loss to assistant turns, and adds the LoRA adapter.
+    # 4. Trainer: SFTTrainer tokenizes, masks the loss to assistant turns, and adds the LoRA adapter.
     trainer = build_trainer(
         model,
         tokenizer,
@@ -98,7 +102,7 @@ def main(args: list[str] | None = None):
         trainer.model.print_trainable_parameters()
         logger.info(global_batch_message(trainer))
 
-    # 4. Train (progress bar and loss lines come from the Trainer). Only now is the previous run cleared away.
+    # 5. Train (progress bar and loss lines come from the Trainer). Only now is the previous run cleared away.
     if is_main_process():  # the process that writes checkpoints
         if training_args.overwrite:
             remove_previous_run(output_dir)
@@ -117,7 +121,7 @@ def main(args: list[str] | None = None):
         )
         raise SystemExit(128 + signal.Signals[stop.signal_name])
 
-    # 5. Save the adapter, the tokenizer with its chat template, the loss history, and every setting of this run.
+    # 6. Save the adapter, the tokenizer with its chat template, the loss history, and every setting of this run.
     # Under torchrun/accelerate every process calls the Trainer's savers (they write on the main process only, and
     # FSDP needs all processes to gather the weights); the main process writes the rest while the others wait.
     trainer.save_model(output_dir)
@@ -149,7 +153,7 @@ def main(args: list[str] | None = None):
         logger.info("Saved the adapter to %s (train loss %.4f).", output_dir, result.training_loss)
     trainer.accelerator.wait_for_everyone()  # every process returns with the output folder complete
 
-    # 6. Report: base vs tuned on the held-out data -> eval.json, loss.png, README.md (a model card). One process
+    # 7. Report: base vs tuned on the held-out data -> eval.json, loss.png, README.md (a model card). One process
     # writes it; the others are done (waiting would only hold their devices).
     if report_args.final_report and eval_data is not None and is_main_process():
         import evaluate
