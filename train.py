@@ -112,7 +112,8 @@ def main(args: list[str] | None = None):
     if stop.signal_name:
         command = [sys.argv[0], *(sys.argv[1:] if args is None else args)]
         command = [arg for arg in command if arg not in ("--resume", "--overwrite")] + ["--resume"]
-        logger.warning(
+        logger.log(
+            logging.WARNING if is_main_process() else logging.DEBUG,  # one message for all processes
             "Stopped by %s at step %d; the checkpoint is saved in %s. Continue with:\n  python %s",
             stop.signal_name,
             trainer.state.global_step,
