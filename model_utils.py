@@ -125,6 +125,12 @@ def load_model(
         logger.warning("--attn_implementation flash_attention_2 needs a CUDA GPU: using sdpa on CPU.")
         attn_implementation = "sdpa"
     check_model_source(model_args.model_name_or_path)
+    folder = Path(model_args.model_name_or_path).expanduser()
+    if folder.is_dir() and not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")):
+        raise ModelError(
+            f"{folder} holds only pickled weights (*.bin), which are never loaded (unpickling can run code): convert "
+            "them to safetensors once, where you trust them (from_pretrained, then save_pretrained)."
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_args.model_name_or_path,

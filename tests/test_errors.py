@@ -182,6 +182,16 @@ def test_local_model_folder_missing(workdir, chat_file, capsys, snapshot):
     assert message == "no model folder at ./models/phi-2: pass a folder saved with save_pretrained, or a Hub id."
 
 
+def test_pickled_model_weights_are_refused(workdir, chat_file, capsys, snapshot, tiny_phi):
+    (workdir / "old-model").mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (workdir / "old-model" / name).write_bytes((tiny_phi / name).read_bytes())
+    (workdir / "old-model" / "pytorch_model.bin").write_bytes(b"a pickle would run code when loaded")
+    args = ["--model", "old-model", "--dataset", "chat.jsonl", "--output_dir", "out"]
+    message = error_line(train.main, args, workdir, capsys, snapshot)
+    assert message.startswith("old-model holds only pickled weights (*.bin), which are never loaded")
+
+
 def test_output_folder_that_cannot_be_written(workdir, chat_file, capsys, snapshot, tiny_phi):
     # Portable, and true even for root: nothing can be created below a regular file.
     (workdir / "notes.txt").write_text("a file, not a folder")
