@@ -22,15 +22,18 @@ OUTPUT = Path("model")
 
 
 def replaces_an_earlier_demo() -> list[str]:
-    """A second `make demo` trains over the first demo's model/ (--overwrite), never over a run of yours there:
-    train.py refuses that with a message."""
+    """A second `make demo` trains over the first demo's model/ (--overwrite), finished or interrupted, never over a
+    run of yours there: train.py refuses that with a message."""
     import yaml
 
-    previous = OUTPUT / "run_config.yaml"
-    if not previous.is_file():
-        return []
     demo_model = yaml.safe_load(Path(CONFIG).read_text())["model_name_or_path"]
-    return ["--overwrite"] if yaml.safe_load(previous.read_text()).get("model_name_or_path") == demo_model else []
+    previous = OUTPUT / "run_config.yaml"
+    if previous.is_file():
+        bases = {yaml.safe_load(previous.read_text()).get("model_name_or_path")}
+    else:  # an interrupted demo leaves checkpoints only; each records its base model
+        adapters = OUTPUT.glob("checkpoint-*/adapter_config.json")
+        bases = {json.loads(p.read_text()).get("base_model_name_or_path") for p in adapters}
+    return ["--overwrite"] if bases == {demo_model} else []
 
 
 def run(step: str, command: list[str]) -> float:
