@@ -159,9 +159,60 @@ def keep_4bit_weights_trainable_on_cpu(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+@torch.no_grad()
+def packed_examples_stay_apart(model) -> bool:
+    """Whether this model, with its attention implementation, keeps examples packed into one row apart.
+
+    Padding-free packing gives the model one row and position ids that restart at every example, and no attention
+    mask. transformers turns such position ids into a block-diagonal mask (sdpa, eager, flex) or cuts the flash
+    attention kernel at the restarts; an attention function that ignores them (a custom kernel, remote code) lets
+    every example see the ones before it. Measured, not assumed: run two examples packed in one row, change the
+    first one's tokens, and check that the second one's logits stay the same."""
+    vocab = model.get_input_embeddings().num_embeddings
+    generator = torch.Generator().manual_seed(0)
+    first, other_first, second = (torch.randint(0, min(vocab, 1000), (n,), generator=generator) for n in (6, 6, 7))
+    position_ids = torch.cat([torch.arange(6), torch.arange(7)])[None].to(model.device)
+    was_training = model.training
+    model.eval()
+    try:
+        logits = [
+            model(
+                input_ids=torch.cat([ids, second])[None].to(model.device), position_ids=position_ids, use_cache=False
+            )
+            .logits[0, 6:]
+            .float()
+            for ids in (first, other_first)
+        ]
+    finally:
+        model.train(was_training)
+    # Kept apart, the second example's logits come out of the same kernels on the same inputs: equal up to rounding.
+    # Mixed, they change by a sizeable share of their own scale.
+    scale = logits[0].abs().max().clamp(min=1e-6)
+    return bool(((logits[0] - logits[1]).abs().max() / scale) < 1e-3)
+
+
+def fall_back_to_length_grouping_if_packing_leaks(model, training_args) -> None:
+    """Turn packing off (and group batches by length instead) when the model's attention would mix packed examples."""
+    if not (training_args.packing or training_args.padding_free or training_args.eval_packing):
+        return
+    if packed_examples_stay_apart(model):
+        return
+    logger.warning(
+        "Packing is off: with attn_implementation=%s this model lets examples packed into one row attend to each "
+        "other. Training on batches grouped by length instead (less padding than random batches, more than "
+        "packing). Each micro-batch now holds %d conversations instead of about twice as many: raise "
+        "--gradient_accumulation_steps to keep the examples per step.",
+        model.config._attn_implementation,
+        training_args.per_device_train_batch_size,
+    )
+    training_args.packing = training_args.padding_free = training_args.eval_packing = False
+    training_args.train_sampling_strategy = "group_by_length"
+
+
 def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset=None, peft_config=None):
     """TRL's SFTTrainer: it tokenizes with the chat template, masks everything but assistant turns (and their EOS)
-    from the loss, wraps the model in the LoRA adapter and runs the loop."""
+    from the loss, packs the conversations (unless the model's attention would mix them), wraps the model in the
+    LoRA adapter and runs the loop."""
     from peft import prepare_model_for_kbit_training
     from trl import SFTTrainer
 
@@ -178,9 +229,11 @@ def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset=N
                 if name in dtypes and param.dtype != dtypes[name]:
                     param.data = param.data.to(dtypes[name])
 
-    if getattr(model, "is_loaded_in_4bit", False):
-        keep_4bit_weights_trainable_on_cpu(model)
-    if getattr(model, "is_loaded_in_4bit", False) and not fsdp_enabled():
+    quantized = getattr(model, "is_loaded_in_4bit", False)
+    if quantized:
+        keep_4bit_weights_trainable_on_cpu(model)  # before the packing check below runs the model without gradients
+    fall_back_to_length_grouping_if_packing_leaks(model, training_args)
+    if quantized and not fsdp_enabled():
         # Norms and embeddings to float32 for stable training; TRL then makes the LoRA weights bf16 as in the paper.
         # Not under FSDP: it flattens each decoder layer into one tensor of one dtype, the 4-bit storage dtype.
         model = prepare_model_for_kbit_training(

@@ -77,7 +77,8 @@ def test_default_run_is_the_fixed_original_recipe():
         assert d.dataset == "OpenAssistant/oasst1" and d.policy == "best" and d.lang_list == []
     for t in (training, defaults[5]):
         assert (t.learning_rate, t.max_grad_norm, t.warmup_steps, t.max_steps) == (2e-4, 0.3, 0.05, 700)
-        assert (t.per_device_train_batch_size, t.gradient_accumulation_steps, t.max_length) == (4, 4, 512)
+        assert (t.per_device_train_batch_size, t.gradient_accumulation_steps, t.max_length) == (4, 2, 512)
+        assert t.packing and t.packing_strategy == "bfd" and t.gradient_checkpointing
         assert not t.trust_remote_code
         # No CUDA here: paged AdamW falls back to plain AdamW and training runs in float32.
         if not torch.cuda.is_available():

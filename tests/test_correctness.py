@@ -22,7 +22,9 @@ def lora_gradients(tiny_phi, tokenizer, tmp_path, evaluate_first: bool, repack: 
     torch.manual_seed(0)
     model = load_model(ModelArguments(model_name_or_path=str(tiny_phi)), QuantizationArguments(load_in_4bit=True))
     records = Dataset.from_list(to_training_records(Conversations([{"messages": c} for c in CONVERSATIONS], "all")))
-    args = TrainingConfig(output_dir=str(tmp_path), report_to="none", max_steps=1, per_device_eval_batch_size=2)
+    args = TrainingConfig(
+        output_dir=str(tmp_path), report_to="none", max_steps=1, per_device_eval_batch_size=2, packing=False
+    )
     trainer = build_trainer(
         model,
         tokenizer,

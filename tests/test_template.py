@@ -73,7 +73,7 @@ def model(tiny_phi):
 
 
 def prepared_batch(model, tokenizer, tmp_path, loss_on):
-    args = TrainingConfig(output_dir=str(tmp_path), max_length=512, report_to="none", max_steps=1)
+    args = TrainingConfig(output_dir=str(tmp_path), max_length=512, report_to="none", max_steps=1, packing=False)
     records = to_training_records(Conversations([{"messages": CONVERSATION}, {"messages": OTHER}], loss_on))
     lora = build_lora_config(LoraArguments(lora_r=8), model.config.model_type)
     trainer = build_trainer(model, tokenizer, args, Dataset.from_list(records), peft_config=lora)
