@@ -1,0 +1,72 @@
+"""What the benchmark scripts share: the training data, a token-counting collator, peak memory, the result table."""
+
+import json
+import resource
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SAMPLE = ROOT / "data" / "oasst1" / "laion_en_100_tree.jsonl"
+SMOLLM2 = ROOT / "cache" / "smollm2" / "SmolLM2-135M-Instruct"  # fetched by `make demo`
+
+
+def training_records(path: str | Path, policy: str, limit: int = 0) -> list[dict]:
+    """SFTTrainer rows: the repo's conversations (best / replies), or the original recipe's single-turn pairs (the
+    best-ranked reply and the prompt right above it)."""
+    from data_utils import Conversations, load_conversations, to_training_records
+
+    if policy == "pairs":
+        replies = load_conversations(str(path), policy="replies")
+        records = to_training_records(
+            Conversations([{"messages": e["messages"][-2:]} for e in replies.examples], "all")
+        )
+    else:
+        records = to_training_records(load_conversations(str(path), policy=policy))
+    return records[:limit] if limit else records
+
+
+class TokenCounter:
+    """Wraps a trainer's collator: counts the real tokens and the tokens the model processes (real + padding)."""
+
+    def __init__(self, trainer):
+        self.collate = trainer.data_collator
+        self.real = self.processed = self.micro_batches = 0
+        trainer.data_collator = self
+
+    def __call__(self, rows):
+        batch = self.collate(rows)
+        self.micro_batches += 1
+        self.processed += batch["input_ids"].numel()
+        if "attention_mask" in batch:
+            self.real += int(batch["attention_mask"].sum())
+        else:  # padding-free: one row, padded at most to pad_to_multiple_of (off by default)
+            self.real += sum(len(r["input_ids"]) for r in rows)
+        return batch
+
+
+def trained_examples(dataset) -> int:
+    """Examples in a prepared training set. TRL drops examples left without any reply token by truncation (nothing
+    to learn), and keeps them (as fully masked) when it packs."""
+    return sum(map(len, dataset["seq_lengths"])) if "seq_lengths" in dataset.column_names else len(dataset)
+
+
+def peak_memory_mib() -> tuple[float, str]:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20, "CUDA max allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
+
+
+def print_table(original: dict, ours: dict, rows: list[tuple[str, str, str]]) -> None:
+    print(f"{'':<44}{'original':>12}{'ours':>12}")
+    for label, key, fmt in rows:
+        cells = ["-" if r.get(key) is None else fmt.format(r[key]) for r in (original, ours)]
+        print(f"{label:<44}{cells[0]:>12}{cells[1]:>12}")
+
+
+def write_json(path: str | None, result: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")

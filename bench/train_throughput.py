@@ -1,0 +1,222 @@
+"""Training throughput: the original recipe's batching against this repo's default, in one run.
+
+    python bench/train_throughput.py                                       # tiny Phi-architecture model, CPU
+    python bench/train_throughput.py --model cache/smollm2/SmolLM2-135M-Instruct --examples 64
+    python bench/train_throughput.py --data_policy pairs                   # the original's single-turn pairs
+
+Both variants train the same model (4-bit nf4 QLoRA, LoRA r 16, gradient checkpointing, float32 on CPU / bf16 on
+GPUs that have it, the repo's other defaults) for one pass over the same real conversations, so they see the same real
+tokens. Only the batching differs:
+
+- original: micro-batch 4, each batch padded to its longest example, cut at --max_length 512, no packing;
+- ours: this repo's default (`TrainingConfig()`): TRL's best-fit-decreasing packing into rows of 512 tokens,
+  micro-batch 4 rows run padding-free, examples kept apart by position ids.
+
+Reported for each: the useful-token share (real tokens / tokens the model processed), real tokens per second of
+training (the Trainer's train_runtime), the ratio, and peak memory (peak RSS of the process on CPU, CUDA peak
+allocated on a GPU). Each variant runs in its own process so that its peak memory is its own. The default tiny model
+is a PhiForCausalLM with random weights built on the fly (--hidden_size, --layers); with SmolLM2's tokenizer in
+cache/ (fetched by `make demo`) it uses that vocabulary (Phi-2's tokenizer stand-in), else the tiny byte-level BPE.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench_utils import (
+    SAMPLE,
+    SMOLLM2,
+    TokenCounter,
+    peak_memory_mib,
+    print_table,
+    trained_examples,
+    training_records,
+    write_json,
+)
+
+
+def build_default_model(out: Path, hidden_size: int, layers: int, tokenizer_from: str | None) -> Path:
+    """A random PhiForCausalLM; with a stand-in tokenizer, sized to its vocabulary."""
+    import torch
+    from transformers import AutoTokenizer, PhiConfig, PhiForCausalLM
+
+    from tiny_model import build_tiny_phi
+
+    if tokenizer_from is None:
+        return build_tiny_phi(out, hidden_size=hidden_size, layers=layers)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+    config = PhiConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden_size // 64),
+        max_position_embeddings=2048,
+        partial_rotary_factor=0.5,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    PhiForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def run_variant(args) -> dict:
+    """One variant, in this process: train one pass, return its figures."""
+    import torch
+    from datasets import Dataset
+
+    from adapter_utils import build_lora_config
+    from config import LoraArguments, ModelArguments, QuantizationArguments, TrainingConfig
+    from model_utils import build_trainer, load_model, load_tokenizer
+
+    records = training_records(args.data, args.data_policy, args.examples)
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(
+        ModelArguments(model_name_or_path=args.model, attn_implementation=args.attn_implementation),
+        QuantizationArguments(load_in_4bit=args.load_in_4bit),
+    )
+    common = dict(
+        output_dir=tempfile.mkdtemp(),
+        report_to="none",
+        max_steps=-1,
+        num_train_epochs=1,
+        save_strategy="no",
+        logging_steps=10**6,
+        max_length=args.max_length,
+        seed=0,
+        bf16=args.bf16,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    if args.variant == "original":
+        training_args = TrainingConfig(
+            **common, packing=False, per_device_train_batch_size=4, gradient_accumulation_steps=4
+        )
+    else:
+        training_args = TrainingConfig(**common)  # the repo's defaults: packed, micro-batch 4, accumulation 2
+    lora = build_lora_config(LoraArguments(lora_r=16, lora_alpha=32, lora_dropout=0.05), model.config.model_type)
+    trainer = build_trainer(model, tokenizer, training_args, Dataset.from_list(records), peft_config=lora)
+
+    counter = TokenCounter(trainer)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    start = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - start
+    peak, peak_kind = peak_memory_mib()
+    return {
+        "variant": args.variant,
+        "examples": len(records),
+        "trained_examples": trained_examples(trainer.train_dataset),
+        "micro_batches": counter.micro_batches,
+        "optimizer_steps": result.global_step,
+        "real_tokens": counter.real,
+        "processed_tokens": counter.processed,
+        "useful_token_share": round(counter.real / counter.processed, 4),
+        "train_seconds": round(seconds, 2),
+        "real_tokens_per_second": round(counter.real / seconds, 1),
+        "train_loss": round(result.training_loss, 4),
+        "peak_memory_mib": round(peak, 1),
+        "peak_memory_kind": peak_kind,
+        "rss_before_training_mib": round(rss_before, 1),
+        "packing": bool(trainer.args.packing),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="Model folder (default: a tiny random Phi built on the fly).")
+    parser.add_argument("--hidden_size", type=int, default=256, help="Width of the default tiny model.")
+    parser.add_argument("--layers", type=int, default=4, help="Layers of the default tiny model.")
+    parser.add_argument(
+        "--tokenizer",
+        default="auto",
+        help="Tokenizer for the default tiny model: a folder, 'tiny' (the byte-level BPE of tiny_model.py), or auto "
+        "(SmolLM2's from cache/ when present, else tiny).",
+    )
+    parser.add_argument("--data", default=str(SAMPLE), help="oasst1 data (any --dataset format of train.py).")
+    parser.add_argument(
+        "--data_policy",
+        choices=["best", "replies", "pairs"],
+        default="best",
+        help="best / replies: the repo's conversations; pairs: the original recipe's prompt + reply pairs.",
+    )
+    parser.add_argument(
+        "--examples", type=int, default=48, help="Use the first N examples (0: all; the sample has 100 trees)."
+    )
+    parser.add_argument("--max_length", type=int, default=512)
+    parser.add_argument("--load_in_4bit", type=lambda s: s.lower() == "true", default=True)
+    parser.add_argument("--bf16", type=lambda s: s.lower() == "true", default=None, help="Default: as train.py.")
+    parser.add_argument("--attn_implementation", default="sdpa")
+    parser.add_argument("--json", default="bench/results/train_throughput.json", help="Where to write the figures.")
+    parser.add_argument("--variant", choices=["original", "ours"], help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.variant:  # a child process: one variant
+        Path(args.result).write_text(json.dumps(run_variant(args)))
+        return {}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.model is None:
+            tokenizer_from = {"auto": str(SMOLLM2) if SMOLLM2.is_dir() else None, "tiny": None}.get(
+                args.tokenizer, args.tokenizer
+            )
+            args.model = str(build_default_model(Path(tmp) / "model", args.hidden_size, args.layers, tokenizer_from))
+            model_name = f"tiny random Phi (hidden {args.hidden_size}, {args.layers} layers, tokenizer "
+            model_name += f"{Path(tokenizer_from).name if tokenizer_from else 'tiny BPE'})"
+        else:
+            model_name = args.model
+        results = {}
+        for variant in ("original", "ours"):
+            out = Path(tmp) / f"{variant}.json"
+            child = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])]
+            child += ["--model", args.model, "--variant", variant, "--result", str(out)]
+            subprocess.run(child, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+            results[variant] = json.loads(out.read_text())
+
+    import torch
+
+    original, ours = results["original"], results["ours"]
+    summary = {
+        "model": model_name,
+        "data": f"{Path(args.data).name}, {args.data_policy}, {original['examples']} examples",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)",
+        "machine": platform.platform(),
+        "original": original,
+        "ours": ours,
+        "tokens_per_second_ratio": round(ours["real_tokens_per_second"] / original["real_tokens_per_second"], 2),
+    }
+    rows = [
+        ("useful-token share", "useful_token_share", "{:.3f}"),
+        ("examples trained", "trained_examples", "{:d}"),
+        ("real tokens", "real_tokens", "{:d}"),
+        ("tokens processed", "processed_tokens", "{:d}"),
+        ("micro-batches", "micro_batches", "{:d}"),
+        ("train seconds", "train_seconds", "{:.1f}"),
+        ("real tokens / s", "real_tokens_per_second", "{:.1f}"),
+        (f"peak memory MiB ({original['peak_memory_kind']})", "peak_memory_mib", "{:.0f}"),
+        ("train loss", "train_loss", "{:.4f}"),
+    ]
+    print(f"\n{summary['model']} on {summary['device']}; data: {summary['data']}")
+    print_table(original, ours, rows)
+    print(f"real tokens/s ratio (ours / original): {summary['tokens_per_second_ratio']}x")
+    if not ours["packing"]:
+        print("note: packing fell back to length grouping for this model (see the warning above)")
+    write_json(args.json, summary)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
