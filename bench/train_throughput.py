@@ -137,7 +137,7 @@ def run_variant(args) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="Model folder (default: a tiny random Phi built on the fly).")
-    parser.add_argument("--hidden_size", type=int, default=256, help="Width of the default tiny model.")
+    parser.add_argument("--hidden_size", type=int, default=128, help="Width of the default tiny model.")
     parser.add_argument("--layers", type=int, default=4, help="Layers of the default tiny model.")
     parser.add_argument(
         "--tokenizer",
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="best / replies: the repo's conversations; pairs: the original recipe's prompt + reply pairs.",
     )
     parser.add_argument(
-        "--examples", type=int, default=48, help="Use the first N examples (0: all; the sample has 100 trees)."
+        "--examples", type=int, default=32, help="Use the first N examples (0: all; the sample has 100 trees)."
     )
     parser.add_argument("--max_length", type=int, default=512)
     parser.add_argument("--load_in_4bit", type=lambda s: s.lower() == "true", default=True)
