@@ -219,7 +219,12 @@ def _training_config_class() -> type:
 
     @dataclass
     class TrainingConfig(SFTConfig):
-        """TRL's SFTConfig with the QLoRA recipe's defaults and device-aware precision and optimizer."""
+        """TRL's SFTConfig with the QLoRA recipe's defaults and device-aware precision and optimizer.
+
+        Memory: the 4-bit base, gradient checkpointing and packing are set here; TRL's SFTTrainer always computes the
+        loss in chunks straight from the LM head's weight, so the (tokens x vocabulary) logits are never built (it
+        works with PEFT: the head is not adapted). --activation_offloading (TRL) trades speed for activation memory.
+        """
 
         output_dir: str = field(
             default="model",

@@ -1,14 +1,13 @@
 """The benchmarks' own arithmetic: the Phi-2 they build is Phi-2's size, and MFU counts the right parameters."""
 
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import PhiConfig, PhiForCausalLM
 
-from conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from gpu_phi2 import PHI2, TINY, matmul_params  # noqa: E402
 
 PHI2_PARAMETERS = 2_779_683_840  # microsoft/phi-2's safetensors hold this many (the "2.7B")
