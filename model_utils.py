@@ -168,6 +168,12 @@ def packed_examples_stay_apart(model) -> bool:
     attention kernel at the restarts; an attention function that ignores them (a custom kernel, remote code) lets
     every example see the ones before it. Measured, not assumed: run two examples packed in one row, change the
     first one's tokens, and check that the second one's logits stay the same."""
+    if any(p.device.type == "meta" for p in model.parameters()):
+        # FSDP's memory-efficient loading leaves the weights on the meta device in all but the first process: judge by
+        # the attention implementation, as transformers does (it builds masks only for those it knows).
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+        return model.config._attn_implementation in ALL_MASK_ATTENTION_FUNCTIONS
     vocab = model.get_input_embeddings().num_embeddings
     generator = torch.Generator().manual_seed(0)
     first, other_first, second = (torch.randint(0, min(vocab, 1000), (n,), generator=generator) for n in (6, 6, 7))

@@ -145,3 +145,15 @@ def test_attention_that_would_mix_packed_examples_falls_back_to_length_grouping(
     assert len(trainer.train_dataset) == len(short_conversations)  # one example per row: nothing packed
     batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
     assert "attention_mask" in batch and "position_ids" not in batch
+
+
+def test_weights_on_the_meta_device_are_judged_by_the_attention_implementation(tiny_phi):
+    """Under FSDP's memory-efficient loading, all processes but the first hold meta weights: no probe can run."""
+    from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
+
+    AttentionInterface.register("causal_only_for_test", causal_only_attention)
+    for attn, apart in (("sdpa", True), ("eager", True), ("causal_only_for_test", False)):
+        config = AutoConfig.from_pretrained(tiny_phi, attn_implementation=attn)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+        assert packed_examples_stay_apart(model) is apart
