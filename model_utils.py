@@ -258,12 +258,14 @@ def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset=N
 
 
 def global_batch_message(trainer) -> str:
-    """Processes x micro-batch x accumulation = examples per optimizer step, in the Trainer's own numbers."""
+    """Processes x micro-batch x accumulation = examples (packed rows when packing) per optimizer step, in the
+    Trainer's own numbers."""
     args = trainer.args
     processes = f"{args.world_size} process" + ("es" if args.world_size > 1 else "")
+    unit = f"packed rows of up to {args.max_length} tokens" if args.packing else "examples"
     message = (
         f"{processes} x micro-batch {args.train_batch_size} x accumulation {args.gradient_accumulation_steps} = "
-        f"global batch {trainer.get_total_train_batch_size(args)} examples per optimizer step"
+        f"global batch {trainer.get_total_train_batch_size(args)} {unit} per optimizer step"
     )
     if args.n_gpu > 1:  # one process that sees several GPUs: a 4-bit model stays on the first, with their batches
         message += (

@@ -1,6 +1,6 @@
 """Phi-2 QLoRA steps at 512 tokens, micro-batch 4: the original recipe's batching against this repo's default.
 
-    python bench/gpu_phi2.py                  # on a CUDA GPU: Phi-2's exact size, random weights, ~5 minutes
+    python bench/gpu_phi2.py                  # on a CUDA GPU: Phi-2's exact size, random weights (untested)
     python bench/gpu_phi2.py --tiny           # the same code at a tiny size on CPU (a smoke test, ~1 minute)
     python bench/gpu_phi2.py --steps 30 --attn_implementation flash_attention_2
 

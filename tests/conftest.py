@@ -81,6 +81,9 @@ def yes_adapter(tiny_phi, tmp_path_factory) -> Path:
     args += ["--max_steps", "8", "--learning_rate", "0.03", "--warmup_steps", "0", "--lora_r", "8"]
     args += ["--lora_dropout", "0", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1"]
     args += ["--load_in_4bit", "false", "--save_steps", "1000", "--final_report", "false", "--report_to", "none"]
+    # Unpacked: these 8 steps were tuned on batches of 4 of the 8 examples. Packed, all 8 share one row and the same
+    # 8 steps land elsewhere (greedy then starts with EOS). Packed training is covered by test_train and test_packing.
+    args += ["--packing", "false"]
     train.main(args)
     return out
 

@@ -114,7 +114,10 @@ def test_files_are_written_once_as_in_a_one_process_run(two_process_run, tiny_cp
 def test_global_batch_is_reported_and_counted_as_in_one_process(two_process_run, tiny_cpu_run):
     out, _, stdout = two_process_run
     one_process, one_process_out, _ = tiny_cpu_run
-    line = "2 processes x micro-batch 2 x accumulation 1 = global batch 4 examples per optimizer step"
+    line = (
+        "2 processes x micro-batch 2 x accumulation 1 = global batch 4 packed rows of up to 256 tokens per optimizer "
+        "step"
+    )
     assert stdout.count(line) == 1
     metrics = json.loads((out / "train_results.json").read_text())
     assert (metrics["processes"], metrics["global_batch_size"]) == (2, 4)
