@@ -220,7 +220,8 @@ or `python inference.py "Hello!" --adapter {run["output_dir"]}`.
 
 
 def global_batch(run: dict, train_metrics: dict) -> str:
-    """'micro-batch 4 x accumulation 4 = 16 examples', with the process count when there were several."""
+    """'micro-batch 4 x accumulation 2 = 8 packed rows of up to 512 tokens' (or N examples unpacked), with the process
+    count when there were several."""
     processes = train_metrics.get("processes", 1)
     text = f"micro-batch {run['per_device_train_batch_size']} x accumulation {run['gradient_accumulation_steps']}"
     if processes > 1:
@@ -228,7 +229,9 @@ def global_batch(run: dict, train_metrics: dict) -> str:
     total = train_metrics.get(
         "global_batch_size", run["per_device_train_batch_size"] * run["gradient_accumulation_steps"] * processes
     )
-    return f"{text} = {total} examples"
+    return f"{text} = {total} " + (
+        f"packed rows of up to {run['max_length']} tokens" if run.get("packing") else "examples"
+    )
 
 
 def describe_hardware(processes: int = 1) -> str:
@@ -307,6 +310,7 @@ def main(args: list[str] | None = None) -> dict | None:
                 "per_device_train_batch_size",
                 "gradient_accumulation_steps",
                 "max_length",
+                "packing",
                 "learning_rate",
                 "warmup_steps",
                 "optim",

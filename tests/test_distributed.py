@@ -123,7 +123,10 @@ def test_global_batch_is_reported_and_counted_as_in_one_process(two_process_run,
     assert (metrics["processes"], metrics["global_batch_size"]) == (2, 4)
     one_metrics = json.loads((one_process_out / "train_results.json").read_text())
     assert (one_metrics["processes"], one_metrics["global_batch_size"]) == (1, 4)
-    assert "micro-batch 2 x accumulation 1 x 2 processes = 4 examples" in (out / "README.md").read_text()
+    assert (
+        "micro-batch 2 x accumulation 1 x 2 processes = 4 packed rows of up to 256 tokens"
+        in (out / "README.md").read_text()
+    )
     # Same global batch, same examples in each step (accelerate deals a step's batches out to the processes): the
     # Trainer counts the same epochs, and the losses agree up to float rounding (padding differs per micro-batch).
     state = json.loads((out / "trainer_state.json").read_text())
