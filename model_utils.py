@@ -191,10 +191,11 @@ def packed_examples_stay_apart(model) -> bool:
         ]
     finally:
         model.train(was_training)
-    # Kept apart, the second example's logits come out of the same kernels on the same inputs: equal up to rounding.
-    # Mixed, they change by a sizeable share of their own scale.
+    # Kept apart, the second example's logits come out of the same kernels on the same inputs: equal (measured: 0.0
+    # with sdpa and eager, float32 and bf16). Mixed, they move by a large share of their scale (0.44 on the tiny test
+    # model). 1e-2 leaves room for a few bf16 roundings in kernels that are not bitwise deterministic.
     scale = logits[0].abs().max().clamp(min=1e-6)
-    return bool(((logits[0] - logits[1]).abs().max() / scale) < 1e-3)
+    return bool(((logits[0] - logits[1]).abs().max() / scale) < 1e-2)
 
 
 def fall_back_to_length_grouping_if_packing_leaks(model, training_args) -> None:
