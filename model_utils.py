@@ -551,10 +551,16 @@ def generate_reply(
 
 @torch.inference_mode()
 def generate_replies(
-    model, tokenizer, conversations: list[list[dict]], gen_args: GenerationArguments, batch_size: int = 8
+    model,
+    tokenizer,
+    conversations: list[list[dict]],
+    gen_args: GenerationArguments,
+    batch_size: int = 8,
+    adapter_names: list[str] | None = None,
 ) -> list[dict]:
     """The next reply to each conversation, in order, generated in batches with left padding (so that every row's
-    new tokens start at the same position): [{"reply": text, "stopped": ended with EOS within the budget}]."""
+    new tokens start at the same position): [{"reply": text, "stopped": ended with EOS within the budget}].
+    `adapter_names` (PEFT models): the adapter for each conversation's row, "__base__" for none."""
     if gen_args.seed is not None:
         torch.manual_seed(gen_args.seed)
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -570,9 +576,11 @@ def generate_replies(
                 return_tensors="pt",
                 return_dict=True,
             ).to(model.device)
+            per_row = {} if adapter_names is None else {"adapter_names": adapter_names[start : start + batch_size]}
             output = model.generate(
                 **batch,
                 **gen_args.generate_kwargs(),
+                **per_row,
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
             )

@@ -98,3 +98,19 @@ def test_evaluate_reruns_with_other_report_settings_only(tiny_cpu_run, tmp_path,
         evaluate.main(["--model_dir", str(copy), "--max_steps", "3"])
     assert exit_info.value.code == 2
     assert "--max_steps: evaluate.py takes --model_dir and the report settings" in capsys.readouterr().err
+
+
+def test_base_and_tuned_replies_in_one_batch_match_separate_runs(yes_adapter):
+    """The report generates base rows ("__base__": adapter off) and tuned rows in one batch."""
+    from evaluate import generate_replies
+    from model_utils import load_chat_model
+
+    model, tokenizer = load_chat_model(yes_adapter)  # 4-bit base, as the report loads it
+    prompts = [[{"role": "user", "content": "Is the grass green?"}], [{"role": "user", "content": "Hi there"}]]
+    mixed = generate_replies(model, tokenizer, prompts + prompts, 8, adapter_names=["__base__"] * 2 + ["default"] * 2)
+    tuned = generate_replies(model, tokenizer, prompts, 8)
+    with model.disable_adapter():
+        base = generate_replies(model, tokenizer, prompts, 8)
+    assert [r["reply"] for r in tuned] == ["Yes.", "Yes."] and all(r["clean"] for r in tuned)
+    assert mixed == base + tuned
+    assert all(r["reply"] != "Yes." for r in base)
