@@ -460,11 +460,13 @@ def drop_long_examples(conversations: Conversations, tokenizer, max_length: int 
     return Conversations(kept, conversations.loss_on, counts)
 
 
-def check_max_length(conversations: Conversations, tokenizer, max_length: int | None) -> None:
+def drop_untrainable_examples(conversations: Conversations, tokenizer, max_length: int | None) -> Conversations:
     """--max_length must leave room for what the loss covers: truncation keeps the start of an example, so an example
-    whose first trained reply starts past max_length tokens trains nothing (every label masked)."""
+    whose first trained reply starts past max_length tokens would train nothing (every label masked). Without packing
+    TRL drops such examples itself; packed, they would still fill a row with compute that trains nothing. Drop them
+    here, for both."""
     if max_length is None:
-        return
+        return conversations
     empty = [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]
     overhead = len(tokenizer.apply_chat_template(empty, return_dict=True)["input_ids"])
     if max_length <= overhead:
@@ -474,27 +476,32 @@ def check_max_length(conversations: Conversations, tokenizer, max_length: int | 
         )
     # The prompt before the first reply in the loss: the first user turn, or the whole context for loss on the last.
     context = 1 if conversations.loss_on == "all" else -1
-    starts = [
-        len(
+    kept = [
+        e
+        for e in conversations.examples
+        if len(
             tokenizer.apply_chat_template(e["messages"][:context], add_generation_prompt=True, return_dict=True)[
                 "input_ids"
             ]
         )
-        for e in conversations.examples
+        < max_length
     ]
-    untrainable = sum(start >= max_length for start in starts)
-    if untrainable == len(starts):
+    if not kept:
         raise DataError(
             f"--max_length {max_length} is too short for this data: in every example the prompt before the first "
             "trained reply is longer, so nothing would be trained; raise --max_length."
         )
-    if untrainable:
-        logger.warning(
-            "%d of %d examples have a prompt longer than --max_length %d: truncation leaves them nothing to train.",
-            untrainable,
-            len(starts),
+    counts = Counter(conversations.counts)
+    counts["prompt_too_long"] = len(conversations.examples) - len(kept)
+    if counts["prompt_too_long"]:
+        logger.info(
+            "Dropped %d of %d examples whose prompt is longer than --max_length %d: truncation leaves them nothing to "
+            "train.",
+            counts["prompt_too_long"],
+            len(conversations.examples),
             max_length,
         )
+    return Conversations(kept, conversations.loss_on, counts)
 
 
 def to_training_records(conversations: Conversations) -> list[dict]:

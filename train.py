@@ -26,7 +26,13 @@ from pathlib import Path
 import yaml
 
 from config import ConfigError, fail, parse_train_args
-from data_utils import DataError, check_max_length, drop_long_examples, load_train_and_eval, to_training_records
+from data_utils import (
+    DataError,
+    drop_long_examples,
+    drop_untrainable_examples,
+    load_train_and_eval,
+    to_training_records,
+)
 from evaluate import describe_hardware
 
 logger = logging.getLogger(__name__)
@@ -84,7 +90,8 @@ def main(args: list[str] | None = None):
         if data_args.long_examples == "drop":
             train_data = drop_long_examples(train_data, tokenizer, training_args.max_length)
             eval_data = eval_data and drop_long_examples(eval_data, tokenizer, training_args.max_length)
-        check_max_length(train_data, tokenizer, training_args.max_length)
+        train_data = drop_untrainable_examples(train_data, tokenizer, training_args.max_length)
+        eval_data = eval_data and drop_untrainable_examples(eval_data, tokenizer, training_args.max_length)
         model = load_model(model_args, quant_args, training_args.trust_remote_code)
     except (DataError, ModelError) as e:
         fail(str(e))

@@ -11,19 +11,22 @@ SAMPLE = ROOT / "data" / "oasst1" / "laion_en_100_tree.jsonl"
 SMOLLM2 = ROOT / "cache" / "smollm2" / "SmolLM2-135M-Instruct"  # fetched by `make demo`
 
 
-def training_records(path: str | Path, policy: str, limit: int = 0) -> list[dict]:
+def training_records(path: str | Path, policy: str, limit: int = 0, tokenizer=None, max_length: int = 512) -> list:
     """SFTTrainer rows: the repo's conversations (best / replies), or the original recipe's single-turn pairs (the
-    best-ranked reply and the prompt right above it)."""
-    from data_utils import Conversations, load_conversations, to_training_records
+    best-ranked reply and the prompt right above it). With a tokenizer, as train.py: without the examples that
+    truncation to max_length would leave with nothing to train (so both variants train the same examples)."""
+    from data_utils import Conversations, drop_untrainable_examples, load_conversations, to_training_records
 
     if policy == "pairs":
         replies = load_conversations(str(path), policy="replies")
-        records = to_training_records(
-            Conversations([{"messages": e["messages"][-2:]} for e in replies.examples], "all")
-        )
+        conversations = Conversations([{"messages": e["messages"][-2:]} for e in replies.examples], "all")
     else:
-        records = to_training_records(load_conversations(str(path), policy=policy))
-    return records[:limit] if limit else records
+        conversations = load_conversations(str(path), policy=policy)
+    if limit:
+        conversations.examples = conversations.examples[:limit]
+    if tokenizer is not None:
+        conversations = drop_untrainable_examples(conversations, tokenizer, max_length)
+    return to_training_records(conversations)
 
 
 class TokenCounter:
@@ -46,8 +49,7 @@ class TokenCounter:
 
 
 def trained_examples(dataset) -> int:
-    """Examples in a prepared training set. TRL drops examples left without any reply token by truncation (nothing
-    to learn), and keeps them (as fully masked) when it packs."""
+    """Examples in a prepared training set (a packed row holds several)."""
     return sum(map(len, dataset["seq_lengths"])) if "seq_lengths" in dataset.column_names else len(dataset)
 
 

@@ -122,7 +122,7 @@ def run_variant(args) -> dict:
         ModelArguments(model_name_or_path=args.model, attn_implementation=args.attn_implementation),
         QuantizationArguments(),  # 4-bit nf4, double quantization, bf16 compute where the GPU has it
     )
-    records = training_records(SAMPLE, "best")  # the Trainer goes round them again if the steps need more
+    records = training_records(SAMPLE, "best", tokenizer=tokenizer)  # the Trainer goes round them again if needed
     common = dict(
         output_dir=tempfile.mkdtemp(),
         report_to="none",

@@ -81,8 +81,8 @@ def run_variant(args) -> dict:
     from config import LoraArguments, ModelArguments, QuantizationArguments, TrainingConfig
     from model_utils import build_trainer, load_model, load_tokenizer
 
-    records = training_records(args.data, args.data_policy, args.examples)
     tokenizer = load_tokenizer(args.model)
+    records = training_records(args.data, args.data_policy, args.examples, tokenizer, args.max_length)
     model = load_model(
         ModelArguments(model_name_or_path=args.model, attn_implementation=args.attn_implementation),
         QuantizationArguments(load_in_4bit=args.load_in_4bit),

@@ -10,7 +10,7 @@ from test_template import CONVERSATION, OTHER, segments
 
 from adapter_utils import build_lora_config
 from config import LoraArguments, ModelArguments, QuantizationArguments, TrainingConfig
-from data_utils import Conversations, load_conversations, to_training_records
+from data_utils import Conversations, drop_untrainable_examples, load_conversations, to_training_records
 from model_utils import build_trainer, load_model, packed_examples_stay_apart
 
 
@@ -25,13 +25,15 @@ def short_conversations(sample_path, tokenizer) -> list[dict]:
     return [{"messages": e["messages"]} for e in short[:8]]
 
 
-def trainer_for(tiny_phi, tokenizer, tmp_path, conversations, packing, load_in_4bit=False, attn="sdpa"):
+def trainer_for(
+    tiny_phi, tokenizer, tmp_path, conversations, packing, load_in_4bit=False, attn="sdpa", max_length=512
+):
     model = load_model(
         ModelArguments(model_name_or_path=str(tiny_phi), attn_implementation=attn),
         QuantizationArguments(load_in_4bit=load_in_4bit),
     )
     args = TrainingConfig(
-        output_dir=str(tmp_path), max_length=512, report_to="none", max_steps=1, packing=packing, seed=0
+        output_dir=str(tmp_path), max_length=max_length, report_to="none", max_steps=1, packing=packing, seed=0
     )
     records = to_training_records(Conversations(conversations, "all"))
     lora = build_lora_config(LoraArguments(lora_r=8, lora_dropout=0.0), "phi")
@@ -119,6 +121,36 @@ def test_packed_rows_keep_the_assistant_only_masks(tiny_phi, tokenizer, tmp_path
     replies = [t for _, labels in split_row(rows[0]) for t in labels if t != -100]
     assert trained == replies
     assert tokenizer.decode(trained).count(tokenizer.eos_token) == 3
+
+
+def test_examples_that_truncation_leaves_nothing_to_train_are_dropped_before_packing(
+    tiny_phi, tokenizer, tmp_path, short_conversations
+):
+    # The first trained token (the reply's first) sits right after the prompt and its "### Assistant:" header.
+    def first_trained_token(conversation):
+        prompt = conversation["messages"][:1]
+        return len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True)["input_ids"])
+
+    by_prompt = sorted(short_conversations, key=first_trained_token)
+    conversation, others = by_prompt[-1], by_prompt[:3]
+    start = first_trained_token(conversation)
+    assert all(first_trained_token(c) < start for c in others)
+
+    def trained_tokens_per_example(examples, max_length):
+        trainer = trainer_for(tiny_phi, tokenizer, tmp_path / str(max_length), examples, True, max_length=max_length)
+        rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+        return sorted(sum(label != -100 for label in labels) for row in rows for _, labels in split_row(row))
+
+    # Cut right after the prompt, the example has nothing to train; TRL's packing keeps it anyway (a row of compute
+    # for nothing), so the repo drops it first. One token more and the reply's first token is trained: it stays.
+    assert trained_tokens_per_example([conversation], start) == [0]
+    assert trained_tokens_per_example([conversation], start + 1) == [1]
+    conversations = Conversations([conversation, *others], "all")
+    dropped = drop_untrainable_examples(conversations, tokenizer, start)
+    assert dropped.examples == others and dropped.counts["prompt_too_long"] == 1
+    kept = drop_untrainable_examples(conversations, tokenizer, start + 1)
+    assert kept.examples == conversations.examples and kept.counts["prompt_too_long"] == 0
+    assert 0 not in trained_tokens_per_example(dropped.examples, start)
 
 
 def causal_only_attention(module, query, key, value, attention_mask, **kwargs):
