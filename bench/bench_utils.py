@@ -1,7 +1,9 @@
 """What the benchmark scripts share: the training data, a token-counting collator, peak memory, the result table."""
 
 import json
+import os
 import resource
+import subprocess
 import sys
 from pathlib import Path
 
@@ -27,6 +29,15 @@ def training_records(path: str | Path, policy: str, limit: int = 0, tokenizer=No
     if tokenizer is not None:
         conversations = drop_untrainable_examples(conversations, tokenizer, max_length)
     return to_training_records(conversations)
+
+
+def run_variant_process(script: str, argv: list[str] | None, model: str, variant: str, tmp: str | Path) -> dict:
+    """Run one variant of a benchmark script in a process of its own (so its peak memory is its own); its figures."""
+    out = Path(tmp) / f"{variant}.json"
+    child = [sys.executable, script, *(argv if argv is not None else sys.argv[1:])]
+    child += ["--model", model, "--variant", variant, "--result", str(out)]
+    subprocess.run(child, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    return json.loads(out.read_text())
 
 
 class TokenCounter:

@@ -28,14 +28,20 @@ recomputation of gradient checkpointing, 4-bit dequantization. Peak dense bf16 t
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench_utils import SAMPLE, SMOLLM2, TokenCounter, peak_memory_mib, print_table, training_records, write_json
+from bench_utils import (
+    SAMPLE,
+    SMOLLM2,
+    TokenCounter,
+    peak_memory_mib,
+    print_table,
+    run_variant_process,
+    training_records,
+    write_json,
+)
 
 # Dense bf16 tensor-core peak, TFLOPS (no sparsity), by a substring of torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = {
@@ -201,13 +207,9 @@ def main(argv: list[str] | None = None) -> dict:
         model_dir = args.model
         if model_dir is None:
             model_dir = str(build_model(Path(args.keep_model or Path(tmp) / "phi2-random"), args.tiny))
-        results = {}
-        for variant in ("original", "ours"):
-            out = Path(tmp) / f"{variant}.json"
-            child = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])]
-            child += ["--model", model_dir, "--variant", variant, "--result", str(out)]
-            subprocess.run(child, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-            results[variant] = json.loads(out.read_text())
+        results = {
+            variant: run_variant_process(__file__, argv, model_dir, variant, tmp) for variant in ("original", "ours")
+        }
 
     original, ours = results["original"], results["ours"]
     summary = {

@@ -26,8 +26,6 @@ import json
 import os
 import platform
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +36,7 @@ from bench_utils import (
     TokenCounter,
     peak_memory_mib,
     print_table,
+    run_variant_process,
     trained_examples,
     training_records,
     write_json,
@@ -190,11 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
         runs = {"original": [], "ours": []}
         for _ in range(args.repeats):
             for variant in runs:
-                out = Path(tmp) / f"{variant}.json"
-                child = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])]
-                child += ["--model", args.model, "--variant", variant, "--result", str(out)]
-                subprocess.run(child, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-                runs[variant].append(json.loads(out.read_text()))
+                runs[variant].append(run_variant_process(__file__, argv, args.model, variant, tmp))
         results = {}
         for variant, variant_runs in runs.items():
             results[variant] = min(variant_runs, key=lambda r: r["train_seconds"])
