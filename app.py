@@ -22,8 +22,8 @@ import sys
 import threading
 from dataclasses import dataclass, field
 
-from config import GenerationArguments, QuantizationArguments, fail, light_argument_parser
-from inference import check_generation_args
+from cli_utils import argument_parser, fail, quiet_known_noise
+from config import ChatModelArguments, GenerationArguments, QuantizationArguments, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -37,44 +37,19 @@ EXAMPLES = [
 
 @dataclass
 class AppArguments:
-    adapter: str = field(
-        default="model", metadata={"help": "LoRA adapter folder (its final adapter, else its latest checkpoint)."}
-    )
-    base: str | None = field(
-        default=None, metadata={"help": "Base model (Hub id or folder). Default: the base recorded with the adapter."}
-    )
-    no_adapter: bool = field(
-        default=False, metadata={"help": "Chat with the base model alone (needs --base; no Compare tab)."}
-    )
     host: str = field(
-        default="127.0.0.1",
-        metadata={"help": "Address to listen on. 127.0.0.1: this machine only. 0.0.0.0: the network (use --auth)."},
+        default="127.0.0.1", metadata={"help": "Address to listen on: 127.0.0.1 this machine, 0.0.0.0 the network."}
     )
     port: int = field(default=7860, metadata={"help": "Port to listen on."})
-    share: bool = field(
-        default=False,
-        metadata={
-            "help": "Also open a public *.gradio.live link (through Gradio's servers): anyone with it can chat."
-        },
-    )
+    share: bool = field(default=False, metadata={"help": "Also open a public *.gradio.live link (anyone can chat)."})
     auth: str | None = field(
-        default=None,
-        metadata={"help": f"Require a login, as user:password. Also read from ${AUTH_VARIABLE} (keeps it out of ps)."},
+        default=None, metadata={"help": f"Require a login, as user:password (or set ${AUTH_VARIABLE})."}
     )
-    concurrency: int = field(
-        default=1,
-        metadata={"help": "Generations at once. 1: each request gets the whole GPU; others wait in the queue."},
-    )
-    queue_size: int = field(
-        default=16,
-        metadata={"help": "Requests that may wait in the queue; later ones are turned away until it drains."},
-    )
-    max_input_chars: int = field(
-        default=4000, metadata={"help": "Longest message accepted, in characters; a longer one gets a clear refusal."}
-    )
+    concurrency: int = field(default=1, metadata={"help": "Generations at once; others wait in the queue."})
+    queue_size: int = field(default=16, metadata={"help": "Requests that may wait in the queue before refusals."})
+    max_input_chars: int = field(default=4000, metadata={"help": "Longest message accepted, in characters."})
     stream_timeout: float = field(
-        default=120.0,
-        metadata={"help": "Seconds to wait for the next token before a generation counts as failed (never hang)."},
+        default=120.0, metadata={"help": "Seconds to wait for the next token before a generation counts as failed."}
     )
 
 
@@ -138,7 +113,7 @@ def build_ui(model, tokenizer, settings: PageSettings):
     """The page: a Chat tab and, when the model has an adapter, a Compare tab. Launch it with .queue().launch()."""
     import gradio as gr
 
-    from model_utils import history_that_fits, prompt_length, stream_reply
+    from generation_utils import history_that_fits, prompt_length, stream_reply
 
     slots = GenerationSlots(settings.concurrency)
     gen = settings.generation
@@ -247,13 +222,11 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
 
 
 def main(args: list[str] | None = None):
-    parser = light_argument_parser((AppArguments, GenerationArguments, QuantizationArguments))
-    parser.description = __doc__
+    parser = argument_parser((ChatModelArguments, AppArguments, GenerationArguments, QuantizationArguments), __doc__)
     try:
-        app_args, gen_args, quant_args = parser.parse_args_into_dataclasses(args)
+        model_args, app_args, gen_args, quant_args = parser.parse_args_into_dataclasses(args)
     except ValueError as e:
         fail(str(e))
-    check_generation_args(gen_args)
     auth = parse_auth(app_args.auth)
     for name in ("concurrency", "queue_size", "max_input_chars"):
         if getattr(app_args, name) < 1:
@@ -261,21 +234,22 @@ def main(args: list[str] | None = None):
     if app_args.host not in ("127.0.0.1", "localhost", "::1") and auth is None:
         logger.warning("Listening on %s without --auth: anyone who can reach this port can chat.", app_args.host)
 
-    from model_utils import ModelError, context_length, load_chat_model
+    from adapter_utils import load_chat_model
+    from model_utils import context_length
 
     # The model is loaded once, here; every request shares it.
     try:
         model, tokenizer = load_chat_model(
-            None if app_args.no_adapter else app_args.adapter, app_args.base, quant_args
+            None if model_args.no_adapter else model_args.adapter, model_args.base, quant_args
         )
-    except ModelError as e:
+    except UserError as e:
         fail(str(e))
     base = model.config.name_or_path
     adapter = getattr(model, "peft_config", {}).get("default")
     settings = PageSettings(
         generation=gen_args,
-        title=f"`{base}` + adapter `{app_args.adapter}`" if adapter else f"`{base}` (no adapter)",
-        compare=not app_args.no_adapter,
+        title=f"`{base}` + adapter `{model_args.adapter}`" if adapter else f"`{base}` (no adapter)",
+        compare=not model_args.no_adapter,
         max_input_chars=app_args.max_input_chars,
         context_length=context_length(model),
         concurrency=app_args.concurrency,
@@ -313,4 +287,5 @@ def main(args: list[str] | None = None):
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own startup requests, one line each
+    quiet_known_noise()
     main()

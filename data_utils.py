@@ -28,9 +28,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from config import UserError
+
 logger = logging.getLogger(__name__)
 
 HUB_DATASET = "OpenAssistant/oasst1"
+SAMPLE = Path(__file__).parent / "data" / "oasst1" / "laion_en_100_tree.jsonl"  # 100 real trees, bundled
 
 # The conversation template: the one source of truth, also saved as the tokenizer's `chat_template`, so training,
 # inference, the app and outside tools (`tokenizer.apply_chat_template`) all build byte-identical prompts. The words
@@ -67,7 +70,7 @@ ROW_COLUMNS = (
 )
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A problem with the user's data; the message says what and where."""
 
 
@@ -504,6 +507,14 @@ def drop_untrainable_examples(conversations: Conversations, tokenizer, max_lengt
     return Conversations(kept, conversations.loss_on, counts)
 
 
+def prepare_examples(conversations: Conversations, tokenizer, max_length: int | None, long_examples: str):
+    """The one rule for which examples training and the report see: those longer than max_length dropped when
+    --long_examples drop asks for it, then those that truncation would leave with nothing to train."""
+    if long_examples == "drop":
+        conversations = drop_long_examples(conversations, tokenizer, max_length)
+    return drop_untrainable_examples(conversations, tokenizer, max_length)
+
+
 def to_training_records(conversations: Conversations) -> list[dict]:
     """Rows for TRL's SFTTrainer: conversational `messages` (loss on all assistant turns), or prompt/completion
     (loss on the completion, i.e. the final reply, only)."""
@@ -514,10 +525,9 @@ def to_training_records(conversations: Conversations) -> list[dict]:
 
 def format_text(messages: list[dict], eos_token: str = "") -> str:
     """Render the chat template as text (without special tokens by default), exactly as the tokenizer does."""
-    from transformers.utils.chat_template_utils import render_jinja_template
+    from workarounds import render_chat_template
 
-    rendered, _ = render_jinja_template(conversations=[messages], chat_template=CHAT_TEMPLATE, eos_token=eos_token)
-    return rendered[0]
+    return render_chat_template(CHAT_TEMPLATE, messages, eos_token)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -530,20 +540,16 @@ class ExportArguments:
 
 
 def main(args: list[str] | None = None) -> Conversations:
-    from transformers import HfArgumentParser
+    from cli_utils import argument_parser, fail
+    from config import DataArguments
 
-    from config import DataArguments, fail, one_line_errors
-
-    parser = one_line_errors(HfArgumentParser((DataArguments, ExportArguments)))
+    parser = argument_parser((DataArguments, ExportArguments), description=__doc__)
     try:
         data_args, export_args = parser.parse_args_into_dataclasses(args)
-    except ValueError as e:
-        fail(str(e))
-    try:
         conversations = load_conversations(
             data_args.dataset, data_args.dataset_split, data_args.policy, data_args.lang_list
         )
-    except DataError as e:
+    except ValueError as e:  # UserError (DataError, ConfigError) included
         fail(str(e))
     out = Path(export_args.out)
     tmp = out.with_name(out.name + ".tmp")

@@ -68,7 +68,7 @@ def main() -> None:
             "--repetition_penalty",
             "1.15",
             "--max_new_tokens",
-            "256",
+            "512",  # room to finish: the report's clean-stop budget
         ],
     )
     base, tuned = report["base"], report["tuned"]

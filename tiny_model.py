@@ -13,7 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
-SAMPLE = Path(__file__).parent / "data" / "oasst1" / "laion_en_100_tree.jsonl"
+from data_utils import SAMPLE
+
 EOS = "<|endoftext|>"
 
 

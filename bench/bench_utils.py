@@ -9,7 +9,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SAMPLE = ROOT / "data" / "oasst1" / "laion_en_100_tree.jsonl"
+from data_utils import SAMPLE  # noqa: E402, F401  (the repo's modules through the path above; SAMPLE for the scripts)
+
 SMOLLM2 = ROOT / "cache" / "smollm2" / "SmolLM2-135M-Instruct"  # fetched by `make demo`
 
 

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data_utils import (  # noqa: E402
+    SAMPLE,
     Tree,
     best_path_conversations,
     filter_messages,
@@ -37,7 +38,6 @@ from data_utils import (  # noqa: E402
     read_jsonl,
 )
 
-SAMPLE = ROOT / "data" / "oasst1" / "laion_en_100_tree.jsonl"
 OASST1_TRAIN_ROWS = 84_437
 
 

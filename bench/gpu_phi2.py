@@ -118,8 +118,9 @@ def run_variant(args) -> dict:
     from transformers import TrainerCallback
 
     from adapter_utils import build_lora_config
-    from config import LoraArguments, ModelArguments, QuantizationArguments, TrainingConfig
-    from model_utils import build_trainer, load_model, load_tokenizer
+    from config import LoraArguments, ModelArguments, QuantizationArguments
+    from model_utils import load_model, load_tokenizer
+    from trainer_utils import TrainingConfig, build_trainer
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

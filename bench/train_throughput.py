@@ -77,8 +77,9 @@ def run_variant(args) -> dict:
     from datasets import Dataset
 
     from adapter_utils import build_lora_config
-    from config import LoraArguments, ModelArguments, QuantizationArguments, TrainingConfig
-    from model_utils import build_trainer, load_model, load_tokenizer
+    from config import LoraArguments, ModelArguments, QuantizationArguments
+    from model_utils import load_model, load_tokenizer
+    from trainer_utils import TrainingConfig, build_trainer
 
     tokenizer = load_tokenizer(args.model)
     records = training_records(args.data, args.data_policy, args.examples, tokenizer, args.max_length)

@@ -11,11 +11,12 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the Hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SAMPLE = ROOT / "data" / "oasst1" / "laion_en_100_tree.jsonl"
 
 
 @pytest.fixture(scope="session")
 def sample_path() -> Path:
+    from data_utils import SAMPLE
+
     return SAMPLE
 
 

@@ -8,9 +8,10 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
+from adapter_utils import load_chat_model
 from app import AUTH_VARIABLE, GenerationSlots, message_text, parse_auth
 from config import GenerationArguments, QuantizationArguments
-from model_utils import generate_reply, load_chat_model
+from generation_utils import generate_reply
 
 # The server's settings (see the chat_server fixture): greedy, 12 new tokens, 200 characters at most.
 SLIDERS = (0.0, 0.9, 12)

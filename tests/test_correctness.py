@@ -5,9 +5,10 @@ import torch
 from datasets import Dataset
 
 from adapter_utils import build_lora_config
-from config import LoraArguments, ModelArguments, QuantizationArguments, TrainingConfig
+from config import LoraArguments, ModelArguments, QuantizationArguments
 from data_utils import Conversations, to_training_records
-from model_utils import build_trainer, load_model
+from model_utils import load_model
+from trainer_utils import TrainingConfig, build_trainer
 
 CONVERSATIONS = [
     [

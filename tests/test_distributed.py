@@ -217,8 +217,8 @@ def test_fsdp_qlora_config_gives_what_fsdp_qlora_needs(tiny_phi, monkeypatch):
 
 
 def test_evaluate_leaves_the_report_to_the_main_process(monkeypatch, tmp_path, capsys):
-    import evaluate
+    import report
 
     monkeypatch.setenv("RANK", "1")  # what torchrun sets in the second process
-    assert evaluate.main(["--model_dir", str(tmp_path / "missing")]) is None  # no error, nothing read or written
+    assert report.main(["--model_dir", str(tmp_path / "missing")]) is None  # no error, nothing read or written
     assert not (tmp_path / "missing").exists() and capsys.readouterr().err == ""

@@ -17,7 +17,8 @@ import torch
 
 import inference
 import train
-from config import ModelArguments, QuantizationArguments, parse_train_args
+from config import ModelArguments, QuantizationArguments
+from trainer_utils import parse_train_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -285,3 +286,15 @@ def test_adapter_trained_on_a_different_base(workdir, adapter, capsys, snapshot,
         f"the adapter in {adapter} was trained on {tiny_phi}, not microsoft/phi-2: leave --base out to use "
         f"{tiny_phi} (if microsoft/phi-2 is a copy of it, set base_model_name_or_path in adapter_config.json)."
     )
+
+
+def test_an_unreachable_hub_fails_at_once_with_one_line(workdir, chat_file, capsys, snapshot, monkeypatch):
+    # As on a machine without a network (the tests otherwise run with HF_HUB_OFFLINE=1): one probe, then the error,
+    # instead of huggingface_hub's retries (about 45 s of warnings).
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    args = ["--model", "nobody/not-cached-anywhere", "--dataset", "chat.jsonl", "--output_dir", "out"]
+    message = error_line(train.main, args, workdir, capsys, snapshot)
+    assert message.startswith("cannot download nobody/not-cached-anywhere from the Hugging Face Hub (no network?).")

@@ -10,13 +10,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import inference
+from adapter_utils import load_chat_model
 from config import GenerationArguments, QuantizationArguments
 from data_utils import CHAT_TEMPLATE
-from model_utils import (
+from generation_utils import (
     generate_replies,
     generate_reply,
     history_that_fits,
-    load_chat_model,
     prompt_length,
     stream_reply,
 )

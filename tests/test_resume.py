@@ -19,7 +19,7 @@ import pytest
 from safetensors.torch import load_file
 
 import train
-from model_utils import checkpoint_step, checkpoints, is_complete_checkpoint, latest_checkpoint
+from checkpoint_utils import checkpoint_step, checkpoints, is_complete_checkpoint, latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS = 6
@@ -186,7 +186,7 @@ def test_a_second_signal_aborts_at_once():
 
     from transformers import TrainerControl
 
-    from model_utils import StopOnSignal
+    from trainer_utils import StopOnSignal
 
     stop, control, args = StopOnSignal(), TrainerControl(), SimpleNamespace(world_size=1)
     stop.on_step_end(args, None, control)

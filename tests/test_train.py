@@ -12,7 +12,7 @@ import torch
 import yaml
 
 import train
-from config import parse_train_args
+from trainer_utils import parse_train_args
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = [

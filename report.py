@@ -1,36 +1,43 @@
 """What did the fine-tune change? Base vs tuned on held-out conversations, with a model card.
 
-    python evaluate.py --model_dir model          # also runs at the end of train.py (--final_report)
+    python report.py --model_dir model          # also runs at the end of train.py (--final_report)
+    python report.py --model_dir model --report_prompts 20 --report_repetition_penalty 1.0
 
-Reads the run's settings from model_dir/run_config.yaml, rebuilds the same held-out conversations (oasst1's
-validation split, or the trees held out with --eval_fraction), loads the base once and switches the adapter off for
-the base figures, then writes to model_dir:
-- eval.json: held-out loss and perplexity on assistant tokens, and the clean-stop rate (replies to held-out prompts,
-  greedy, that end with EOS within the budget and invent no "### Human:" turn), for base and tuned;
+Reads the run's settings from model_dir/run_config.yaml, rebuilds the same held-out conversations that training
+evaluated on (data_utils.prepare_examples), loads the base once and switches the adapter off for the base figures,
+then writes to model_dir:
+- eval.json: held-out loss and perplexity on assistant tokens, and the clean-stop rate (greedy replies to held-out
+  prompts that end with EOS within the budget and invent no "### Human:" turn), for base and tuned;
 - loss.png: training and held-out loss against step;
-- README.md: a model card with the data, settings, hardware, time and the figures above.
+- README.md: a model card (huggingface_hub's ModelCard) with the data, settings, hardware, time and the figures above.
 """
 
 import contextlib
 import json
 import logging
 import math
-import os
-import platform
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 
-from config import GenerationArguments, ReportArguments, fail
-from data_utils import HUMAN, Conversations
+from cli_utils import argument_parser, fail, quiet_known_noise
+from config import (
+    DataArguments,
+    GenerationArguments,
+    ModelArguments,
+    QuantizationArguments,
+    ReportArguments,
+    UserError,
+)
+from data_utils import HUB_DATASET, HUMAN, Conversations
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class EvaluateArguments:
+class ReportFolderArguments:
     model_dir: str = field(default="model", metadata={"help": "A training output folder (with run_config.yaml)."})
 
 
@@ -72,20 +79,13 @@ def assistant_token_loss(model, tokenizer, conversations: Conversations, max_len
     return total / max(count, 1), count
 
 
-def generate_replies(
-    model,
-    tokenizer,
-    prompts: list[list[dict]],
-    max_new_tokens: int,
-    repetition_penalty: float = 1.0,
-    batch_size: int = 32,
-    adapter_names: list[str] | None = None,
-):
-    """Greedy replies to each prompt, batched with left padding: [{"reply", "stopped", "clean"}]."""
-    from model_utils import generate_replies as batched_replies
+def generate_replies(model, tokenizer, prompts, max_new_tokens: int, repetition_penalty: float = 1.0, **per_row):
+    """Greedy replies, batched (generation_utils.generate_replies), each marked clean when it stopped at EOS
+    without inventing a "### Human:" turn. `per_row`: `adapter_names` for PEFT models."""
+    from generation_utils import generate_replies as batched
 
     greedy = GenerationArguments(max_new_tokens=max_new_tokens, temperature=0, repetition_penalty=repetition_penalty)
-    results = batched_replies(model, tokenizer, prompts, greedy, batch_size, adapter_names)
+    results = batched(model, tokenizer, prompts, greedy, batch_size=32, **per_row)
     return [{**r, "clean": r["stopped"] and HUMAN not in r["reply"]} for r in results]
 
 
@@ -100,8 +100,8 @@ def figures(model, tokenizer, held_out: Conversations, report_args, max_length: 
         with model.disable_adapter() if name == "base" else contextlib.nullcontext():
             loss, tokens = assistant_token_loss(model, tokenizer, held_out, max_length)
         result[name] = {"heldout_loss": loss, "heldout_perplexity": math.exp(loss)}
-    # Base and tuned replies in one batch: PEFT runs the rows named "__base__" without the adapter. One generate call
-    # instead of two (measured on CPU: a quarter less time), and both sides get the same prompts and padding.
+    # Base and tuned replies in one batch: PEFT runs the rows named "__base__" without the adapter, so both sides get
+    # the same prompts and padding in one generate call (faster than two; BENCHMARKS.md).
     logger.info("Base and tuned replies to %d held-out prompts...", len(prompts))
     replies = generate_replies(
         model,
@@ -148,7 +148,70 @@ def plot_losses(log_history: list[dict], path: Path) -> bool:
     return True
 
 
-def model_card(run: dict, data: dict, train_metrics: dict, report: dict, has_plot: bool) -> str:
+def base_model_card(name_or_path: str):
+    """The base model's own card data (for its license and Hub id), or None where there is none to be had offline."""
+    from huggingface_hub import ModelCard, try_to_load_from_cache
+
+    from model_utils import hub_unreachable, looks_like_path
+
+    try:
+        if looks_like_path(name_or_path):
+            readme = Path(name_or_path) / "README.md"
+            return ModelCard.load(readme).data if readme.is_file() else None
+        cached = try_to_load_from_cache(name_or_path, "README.md")
+        if isinstance(cached, str):
+            return ModelCard.load(cached).data
+        return None if hub_unreachable(name_or_path) else ModelCard.load(name_or_path).data
+    except (OSError, ValueError) as e:  # no card, a malformed one, or no network
+        logger.warning("No model card for %s (%s): the license is 'other'; pass --license to set it.", name_or_path, e)
+        return None
+
+
+def model_card(run: dict, data: dict, train_metrics: dict, report: dict, has_plot: bool):
+    """The model card: Hub metadata (base model, license, data set, held-out figures as model-index results) and a
+    body with the data, the settings and the figures."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    from model_utils import looks_like_path
+
+    base_name = run["model_name_or_path"]
+    base_card = base_model_card(base_name)
+    # A Hub id, never a local path (the Hub rejects those): a local folder names the Hub model it copies in its card.
+    hub_base = base_name if not looks_like_path(base_name) else getattr(base_card, "base_model", None)
+    license_ = run.get("license", "auto")
+    if license_ == "auto":
+        license_ = getattr(base_card, "license", None) or "other"
+    name = Path(run["output_dir"]).name
+    heldout = {"task_type": "text-generation", "dataset_type": HUB_DATASET, "dataset_name": "oasst1 held-out trees"}
+    tuned = report["tuned"]
+    metadata = ModelCardData(
+        model_name=name,
+        base_model=hub_base,
+        license=license_,
+        library_name="peft",
+        pipeline_tag="text-generation",
+        datasets=[HUB_DATASET] if data["oasst1"] else None,
+        tags=["qlora", "lora", "trl", "sft", "oasst1"],
+        eval_results=[
+            EvalResult(**heldout, metric_type="loss", metric_name="Held-out loss", metric_value=tuned["heldout_loss"]),
+            EvalResult(
+                **heldout,
+                metric_type="perplexity",
+                metric_name="Held-out perplexity",
+                metric_value=tuned["heldout_perplexity"],
+            ),
+            EvalResult(
+                **heldout,
+                metric_type="clean_stop_rate",
+                metric_name="Clean-stop rate",
+                metric_value=tuned["clean_stop_rate"],
+            ),
+        ],
+    )
+    return ModelCard(f"---\n{metadata.to_yaml()}\n---\n{card_body(name, run, data, train_metrics, report, has_plot)}")
+
+
+def card_body(name: str, run: dict, data: dict, train_metrics: dict, report: dict, has_plot: bool) -> str:
     base, tuned = report["base"], report["tuned"]
     rows = "\n".join(
         f"| {label} | {base[key]:{fmt}} | {tuned[key]:{fmt}} |"
@@ -165,14 +228,8 @@ def model_card(run: dict, data: dict, train_metrics: dict, report: dict, has_plo
         ]
     )
     filters = data.get("filters", {})
-    return f"""---
-base_model: {run["model_name_or_path"]}
-library_name: peft
-license: apache-2.0
-tags: [qlora, lora, oasst1, trl, sft]
----
-
-# {Path(run["output_dir"]).name}: a QLoRA adapter for {run["model_name_or_path"]}
+    return f"""
+# {name}: a QLoRA adapter for {run["model_name_or_path"]}
 
 A LoRA adapter trained with 4-bit ({run["bnb_4bit_quant_type"]}) QLoRA on OpenAssistant conversations, in the
 `### Human: ... ### Assistant: ...` format (saved as the tokenizer's chat template).
@@ -186,13 +243,14 @@ A LoRA adapter trained with 4-bit ({run["bnb_4bit_quant_type"]}) QLoRA on OpenAs
   {filters.get("kept", "n/a")} of {filters.get("messages", "n/a")}.
 
 ## Training
-- LoRA r {run["lora_r"]}, alpha {run["lora_alpha"]}, dropout {run["lora_dropout"]}, targets
-  `{run["lora_target_modules"]}`; double quantization {run["bnb_4bit_use_double_quant"]}.
+- LoRA r {data["lora"]["r"]}, alpha {data["lora"]["lora_alpha"]}, dropout {data["lora"]["lora_dropout"]}, targets
+  `{data["lora"]["target_modules"]}`; double quantization {run["bnb_4bit_use_double_quant"]}.
 - {run["max_steps"]} steps of {global_batch(run, train_metrics)}, {run["max_length"]} tokens, learning rate
   {run["learning_rate"]} ({run["lr_scheduler_type"]}, warmup {run["warmup_steps"]}), optimizer {run["optim"]}, max grad
   norm {run["max_grad_norm"]}, seed {run["seed"]}.
 - Hardware: {train_metrics.get("hardware", "n/a")}; training time {train_metrics.get("train_runtime", 0):.0f} s;
   final training loss {train_metrics.get("train_loss", float("nan")):.4f}.
+- Framework versions: {framework_versions()}.
 
 ## Evaluation (held-out conversations, base vs tuned)
 
@@ -241,96 +299,90 @@ def global_batch(run: dict, train_metrics: dict) -> str:
     )
 
 
-def describe_hardware(processes: int = 1) -> str:
-    """The device this process runs on; with several processes (torchrun, accelerate), how many."""
-    if torch.cuda.is_available():
-        gpu = f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)"
-        return gpu if processes == 1 else f"{processes} x {gpu}"
-    cpu = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    return cpu if processes == 1 else f"{processes} processes on {cpu}"
+def framework_versions() -> str:
+    from importlib.metadata import version
+
+    return ", ".join(f"{name} {version(name)}" for name in ("torch", "transformers", "peft", "trl", "bitsandbytes"))
+
+
+def lora_settings(folder: Path) -> dict:
+    """The adapter's own record of its LoRA settings (what was trained, whatever the config file said)."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    targets = config["target_modules"]
+    config["target_modules"] = ",".join(sorted(targets)) if isinstance(targets, list) else targets
+    return {key: config[key] for key in ("r", "lora_alpha", "lora_dropout", "target_modules")}
+
+
+def settings(cls, run: dict):
+    """One settings dataclass, filled from run_config.yaml."""
+    return cls(**{f.name: run[f.name] for f in fields(cls) if f.init and f.name in run})
+
+
+def parse_args(args: list[str] | None) -> tuple[Path, dict, ReportArguments]:
+    """The output folder, its run_config.yaml, and the report settings: the run's, with these flags' overrides."""
+    from checkpoint_utils import read_run_config
+
+    parser = argument_parser((ReportFolderArguments, ReportArguments), description=__doc__)
+    known, unknown = parser.parse_known_args(args)
+    report_flags = {f"--{f.name}" for f in fields(ReportArguments)}
+    for flag in unknown:
+        if flag.startswith("--") and flag.split("=")[0] not in report_flags:
+            flags = ", ".join(sorted(report_flags))
+            raise UserError(f"{flag}: report.py takes --model_dir and the report settings ({flags}).")
+    folder = Path(known.model_dir)
+    run = read_run_config(folder)
+    parser.set_defaults(**{f.name: run[f.name] for f in fields(ReportArguments) if f.name in run})
+    _, report_args = parser.parse_args_into_dataclasses(args)
+    return folder, run, report_args
 
 
 def main(args: list[str] | None = None) -> dict | None:
-    from transformers import HfArgumentParser
+    """Write the report of a finished run; a user's mistake ends in one line (exit 2)."""
+    from model_utils import is_main_process
 
-    from config import parse_train_args
-    from data_utils import DataError, drop_long_examples, load_train_and_eval
-    from model_utils import ModelError, is_main_process, load_chat_model
-
-    parser = HfArgumentParser(EvaluateArguments)
-    parser.description = __doc__
-    parser.epilog = (
-        "The report settings of the run (--report_prompts, --report_max_new_tokens, ...) can be overridden."
-    )
-    try:
-        eval_args, overrides = parser.parse_args_into_dataclasses(args, return_remaining_strings=True)
-    except ValueError as e:
-        fail(str(e))
     if not is_main_process():  # under torchrun/accelerate launch: one process evaluates and writes the report
         return None
-    folder = Path(eval_args.model_dir)
-    run_config = folder / "run_config.yaml"
-    if not run_config.is_file():
-        fail(f"{run_config} not found: point --model_dir at a training output folder.")
-    report_flags = {f"--{name}" for name in ReportArguments.__dataclass_fields__}
-    for flag in overrides:
-        if flag.startswith("--") and flag.split("=")[0] not in report_flags:
-            fail(f"{flag}: evaluate.py takes --model_dir and the report settings ({', '.join(sorted(report_flags))}).")
-    model_args, quant_args, _, data_args, report_args, training_args = parse_train_args(
-        ["--config", str(run_config), *overrides]
-    )
     try:
-        train_data, held_out = load_train_and_eval(data_args)
-    except DataError as e:
+        return write_report(*parse_args(args))
+    except UserError as e:
         fail(str(e))
-    if held_out is None or not held_out.examples:
-        fail("no held-out data in this run: train with --eval_fraction, --eval_dataset or the Hub's --eval_split.")
-    try:
-        model, tokenizer = load_chat_model(
-            folder, model_args.model_name_or_path, quant_args, model_args.attn_implementation
-        )
-    except ModelError as e:
-        fail(str(e))
-    if data_args.long_examples == "drop":  # the same held-out set the trainer evaluated on
-        train_data = drop_long_examples(train_data, tokenizer, training_args.max_length)
-        held_out = drop_long_examples(held_out, tokenizer, training_args.max_length)
 
-    report = figures(model, tokenizer, held_out, report_args, training_args.max_length)
-    state_file = folder / "trainer_state.json"
+
+def write_report(folder: Path, run: dict, report_args: ReportArguments) -> dict:
+    from adapter_utils import load_chat_model
+    from data_utils import load_train_and_eval, prepare_examples
+
+    # 1. The held-out conversations, by the same rule training used (data_utils.prepare_examples).
+    train_data, held_out = load_train_and_eval(settings(DataArguments, run))
+    if held_out is None or not held_out.examples:
+        raise UserError("no held-out data in this run: train with --eval_fraction, --eval_dataset or --eval_split.")
+    model_args = settings(ModelArguments, run)
+    model, tokenizer = load_chat_model(
+        folder, model_args.model_name_or_path, settings(QuantizationArguments, run), model_args.attn_implementation
+    )
+    train_data = prepare_examples(train_data, tokenizer, run["max_length"], run["long_examples"])
+    held_out = prepare_examples(held_out, tokenizer, run["max_length"], run["long_examples"])
+
+    # 2. The figures, base (adapter off) and tuned.
+    report = figures(model, tokenizer, held_out, report_args, run["max_length"])
+    report["heldout_ids"] = [e["id"] for e in held_out.examples]
+
+    # 3. The files: eval.json, loss.png, README.md.
+    state_file, metrics_file = folder / "trainer_state.json", folder / "train_results.json"
     log_history = json.loads(state_file.read_text())["log_history"] if state_file.is_file() else []
-    train_metrics_file = folder / "train_results.json"
-    train_metrics = json.loads(train_metrics_file.read_text()) if train_metrics_file.is_file() else {}
+    train_metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    train_metrics.pop("heldout_ids", None)
     data = {
         "train_examples": len(train_data.examples),
         "heldout_examples": len(held_out.examples),
         "filters": dict(train_data.counts),
+        "oasst1": "messages" in train_data.counts,  # built from oasst1 rows or trees, not the user's own chats
+        "lora": lora_settings(folder),
     }
     has_plot = plot_losses(log_history, folder / "loss.png")
     (folder / "eval.json").write_text(json.dumps({**report, "data": data, "training": train_metrics}, indent=2))
-    run = {**vars(model_args), **vars(quant_args), **vars(data_args), **vars(report_args)}
-    run.update(
-        {
-            k: getattr(training_args, k)
-            for k in (
-                "output_dir",
-                "max_steps",
-                "per_device_train_batch_size",
-                "gradient_accumulation_steps",
-                "max_length",
-                "packing",
-                "learning_rate",
-                "warmup_steps",
-                "optim",
-                "max_grad_norm",
-                "seed",
-            )
-        }
-    )
-    for enum_setting in ("lr_scheduler_type", "optim"):  # the Trainer turns these into enums
-        value = getattr(training_args, enum_setting)
-        run[enum_setting] = str(getattr(value, "value", value))
-    run["lora_r"], run["lora_alpha"], run["lora_dropout"], run["lora_target_modules"] = _lora_settings(folder)
-    (folder / "README.md").write_text(model_card(run, data, train_metrics, report, has_plot))
+    run = {**run, **vars(report_args)}
+    model_card(run, data, train_metrics, report, has_plot).save(folder / "README.md")
     print(
         f"held-out loss (assistant tokens): base {report['base']['heldout_loss']:.4f}, "
         f"tuned {report['tuned']['heldout_loss']:.4f} (x{report['loss_ratio']:.3f}); clean-stop rate: "
@@ -340,18 +392,7 @@ def main(args: list[str] | None = None) -> dict | None:
     return report
 
 
-def _lora_settings(folder: Path):
-    """The adapter's own record of its LoRA settings (what was trained, whatever the config file said)."""
-    config = json.loads((folder / "adapter_config.json").read_text())
-    targets = config["target_modules"]
-    return (
-        config["r"],
-        config["lora_alpha"],
-        config["lora_dropout"],
-        (",".join(sorted(targets)) if isinstance(targets, list) else targets),
-    )
-
-
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    quiet_known_noise()
     main()

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from data_utils import Conversations
-from evaluate import assistant_token_loss, loss_labels
+from report import assistant_token_loss, loss_labels
 
 CONVERSATION = [
     {"role": "user", "content": "How do I boil an egg?"},
@@ -74,36 +74,38 @@ def test_a_run_leaves_eval_json_plot_and_card(tiny_cpu_run):
         assert figures["heldout_perplexity"] == pytest.approx(math.exp(figures["heldout_loss"]))
         assert len(figures["replies"]) == 3 and 0 <= figures["clean_stop_rate"] <= 1
     assert report["loss_ratio"] == pytest.approx(report["tuned"]["heldout_loss"] / report["base"]["heldout_loss"])
-    assert report["data"]["heldout_examples"] == 10 and report["data"]["train_examples"] == 90
+    # 90 training conversations, of which 3 have a prompt longer than --max_length 256: training drops them, and the
+    # report counts what training trained on (data_utils.prepare_examples).
+    assert report["data"]["heldout_examples"] == 10 and report["data"]["train_examples"] == 87
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     card = (out / "README.md").read_text()
     assert f"{report['base']['heldout_loss']:.4f}" in card and f"{report['tuned']['heldout_loss']:.4f}" in card
     assert f"{report['loss_ratio']:.3f}" in card and "![training and held-out loss](loss.png)" in card
-    assert "90 for training, 10 held out" in card
+    assert "87 for training, 10 held out" in card
     assert list((out / "runs").rglob("events.out.tfevents.*"))  # TensorBoard logs
 
 
-def test_evaluate_reruns_with_other_report_settings_only(tiny_cpu_run, tmp_path, capsys):
+def test_report_reruns_with_other_report_settings_only(tiny_cpu_run, tmp_path, capsys):
     import shutil
 
-    import evaluate
+    import report as script
 
     _, out, _ = tiny_cpu_run
     copy = shutil.copytree(out, tmp_path / "model", ignore=shutil.ignore_patterns("checkpoint-*", "runs"))
-    report = evaluate.main(["--model_dir", str(copy), "--report_prompts", "2", "--report_repetition_penalty", "1.2"])
+    report = script.main(["--model_dir", str(copy), "--report_prompts", "2", "--report_repetition_penalty", "1.2"])
     assert len(report["prompts"]) == 2 and len(report["tuned"]["replies"]) == 2
     assert "repetition penalty\n1.2)" in (copy / "README.md").read_text()
 
     with pytest.raises(SystemExit) as exit_info:
-        evaluate.main(["--model_dir", str(copy), "--max_steps", "3"])
+        script.main(["--model_dir", str(copy), "--max_steps", "3"])
     assert exit_info.value.code == 2
-    assert "--max_steps: evaluate.py takes --model_dir and the report settings" in capsys.readouterr().err
+    assert "--max_steps: report.py takes --model_dir and the report settings" in capsys.readouterr().err
 
 
 def test_base_and_tuned_replies_in_one_batch_match_separate_runs(yes_adapter):
     """The report generates base rows ("__base__": adapter off) and tuned rows in one batch."""
-    from evaluate import generate_replies
-    from model_utils import load_chat_model
+    from adapter_utils import load_chat_model
+    from report import generate_replies
 
     model, tokenizer = load_chat_model(yes_adapter)  # 4-bit base, as the report loads it
     prompts = [[{"role": "user", "content": "Is the grass green?"}], [{"role": "user", "content": "Hi there"}]]
@@ -114,3 +116,57 @@ def test_base_and_tuned_replies_in_one_batch_match_separate_runs(yes_adapter):
     assert [r["reply"] for r in tuned] == ["Yes.", "Yes."] and all(r["clean"] for r in tuned)
     assert mixed == base + tuned
     assert all(r["reply"] != "Yes." for r in base)
+
+
+@pytest.fixture(scope="module")
+def short_context_run(tiny_phi, tmp_path_factory, sample_path):
+    """One step with --max_length 40 on a copy of the tiny base that carries a model card, as demo_model.py writes
+    for SmolLM2: at 40 tokens some held-out prompts leave nothing to train, so the held-out rule has work to do."""
+    import shutil
+
+    from huggingface_hub import ModelCard, ModelCardData
+
+    import train
+
+    folder = tmp_path_factory.mktemp("short-context")
+    base = shutil.copytree(tiny_phi, folder / "base")
+    data = ModelCardData(base_model="HuggingFaceTB/SmolLM2-135M-Instruct", license="apache-2.0")
+    ModelCard(f"---\n{data.to_yaml()}\n---\nA copy.\n").save(base / "README.md")
+    out = folder / "model"
+    args = ["--model", str(base), "--dataset", str(sample_path), "--eval_fraction", "0.2", "--output_dir", str(out)]
+    args += ["--max_steps", "1", "--max_length", "40", "--lora_r", "4", "--report_to", "none"]
+    args += ["--report_prompts", "2", "--report_max_new_tokens", "4", "--save_steps", "1000"]
+    train.main(args)
+    return out
+
+
+def test_the_report_scores_exactly_the_examples_training_evaluated_on(short_context_run):
+    trained_on = json.loads((short_context_run / "train_results.json").read_text())["heldout_ids"]
+    report = json.loads((short_context_run / "eval.json").read_text())
+    assert report["heldout_ids"] == trained_on
+    assert 0 < len(trained_on) == report["data"]["heldout_examples"] < 20  # of 20 held-out trees, some were dropped
+
+
+def test_the_model_card_parses_with_hub_metadata(short_context_run):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(short_context_run / "README.md")
+    report = json.loads((short_context_run / "eval.json").read_text())
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"  # the Hub id, never the local folder
+    assert card.data.license == "apache-2.0" and card.data.datasets == ["OpenAssistant/oasst1"]
+    assert card.data.pipeline_tag == "text-generation" and card.data.library_name == "peft"
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert results["loss"] == pytest.approx(report["tuned"]["heldout_loss"])
+    assert results["clean_stop_rate"] == report["tuned"]["clean_stop_rate"]
+
+
+def test_the_report_module_does_not_shadow_the_evaluate_package():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = "import importlib.util; spec = importlib.util.find_spec('evaluate'); print(spec and spec.origin)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
+    origin = result.stdout.strip()
+    assert result.returncode == 0 and (origin == "None" or not origin.startswith(str(root))), origin

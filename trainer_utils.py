@@ -1,0 +1,267 @@
+"""Training: TRL's SFTConfig with the QLoRA recipe's defaults, the trainer and its checks, and a clean stop on signals.
+
+The packing story, told once: with --packing (the default) TRL packs whole conversations best-fit-decreasing into rows
+of --max_length tokens and runs each micro-batch padding-free (one row, no pad tokens). Positions restart at every
+conversation, and transformers builds a block-diagonal mask from them (sdpa, eager, flex) or cuts the flash-attention
+kernel at the restarts, so conversations never attend to each other. That holds only for attention that reads the
+position ids: before training, `packed_examples_stay_apart` measures it on the model, and where it fails training falls
+back to length-grouped batches with a warning. The original recipe padded every batch to its longest example; what
+that cost is in BENCHMARKS.md.
+"""
+
+import contextlib
+import logging
+import signal
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from transformers import TrainerCallback
+from trl import SFTConfig
+
+from cli_utils import check_yaml_config, one_line_errors
+from config import ConfigError, DataArguments, LoraArguments, ModelArguments, QuantizationArguments, ReportArguments
+from quantization_utils import fsdp_enabled, training_precision
+from workarounds import (
+    RestoreTrainableDtypesOnResume,
+    attention_builds_packing_masks,
+    attention_implementation,
+    keep_4bit_weights_trainable_on_cpu,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingConfig(SFTConfig):
+    """TRL's SFTConfig with the QLoRA recipe's defaults; precision and optimizer are fitted to the device.
+
+    Memory: TRL's SFTTrainer computes the loss in chunks straight from the LM head's weight, so the (tokens x
+    vocabulary) logits are never built; --activation_offloading (TRL) trades speed for activation memory.
+    """
+
+    output_dir: str = field(default="model", metadata={"help": "Where checkpoints and the final adapter are written."})
+    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (QLoRA paper: 2e-4)."})
+    lr_scheduler_type: str = field(
+        default="constant", metadata={"help": "Learning-rate schedule after warmup (QLoRA repo: constant)."}
+    )
+    warmup_steps: float = field(
+        default=0.05, metadata={"help": "Warmup: a float in [0, 1) is a share of all steps, an integer a step count."}
+    )
+    max_steps: int = field(default=700, metadata={"help": "Optimizer steps (original recipe: 700)."})
+    per_device_train_batch_size: int = field(
+        default=4,
+        metadata={"help": "Micro-batch per device: packed rows of --max_length tokens (conversations unpacked)."},
+    )
+    gradient_accumulation_steps: int = field(
+        default=2, metadata={"help": "Micro-batches per optimizer step (use 4 with --packing false, as the original)."}
+    )
+    max_length: int | None = field(
+        default=512,
+        metadata={"help": "Tokens per example and per packed row; longer conversations are cut at the end."},
+    )
+    packing: bool = field(
+        default=True, metadata={"help": "Pack conversations into padding-free rows that never attend to each other."}
+    )
+    activation_checkpointing: bool | None = field(
+        default=True,
+        metadata={"help": "Recompute activations in the backward pass: far less memory, ~30%% slower."},
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Old name of --activation_checkpointing (transformers 5 renamed it)."}
+    )
+    max_grad_norm: float = field(default=0.3, metadata={"help": "Gradient clipping (QLoRA paper: 0.3)."})
+    optim: str = field(
+        default="paged_adamw_32bit",
+        metadata={"help": "Optimizer; paged AdamW survives memory spikes on CUDA (adamw_torch on CPU)."},
+    )
+    assistant_only_loss: bool = field(
+        default=True, metadata={"help": "Train on assistant tokens (and their EOS) only, not on the human turns."}
+    )
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 mixed precision; default: on where the GPU has it, off on CPU."}
+    )
+    save_steps: float = field(default=100, metadata={"help": "Save a checkpoint every N steps."})
+    save_total_limit: int | None = field(default=3, metadata={"help": "Keep only the newest N checkpoints."})
+    logging_steps: float = field(default=10, metadata={"help": "Log the loss every N steps."})
+    report_to: None | str | list[str] = field(
+        default="tensorboard", metadata={"help": "Where training logs go: tensorboard, wandb, trackio or none."}
+    )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={"help": "Under DDP, search for weights without gradients (every LoRA weight has one)."},
+    )
+    resume: bool = field(
+        default=False, metadata={"help": "Continue from the newest complete checkpoint in --output_dir."}
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "Replace a previous run in --output_dir (deleted when training starts)."}
+    )
+
+    def __post_init__(self):
+        self.bf16, self.fp16, self.optim = training_precision(self.bf16, self.fp16, self.optim)
+        if not torch.cuda.is_available():
+            # The model is on the CPU (model_utils.device_map), so the Trainer must be too; under torchrun this is
+            # also what makes accelerate train the processes together (gloo) rather than each on its own.
+            self.use_cpu = True
+        super().__post_init__()
+
+
+SETTINGS = (ModelArguments, QuantizationArguments, LoraArguments, DataArguments, ReportArguments, TrainingConfig)
+
+
+def parse_train_args(args: list[str] | None = None):
+    """--config YAML defaults, then CLI overrides: (model, quantization, lora, data, report, training) arguments."""
+    from trl import TrlParser
+
+    parser = one_line_errors(TrlParser(SETTINGS))
+    args = list(sys.argv[1:] if args is None else args)
+    if "--config" in args:
+        position = args.index("--config") + 1
+        if position == len(args):
+            raise ConfigError("--config needs a YAML file.")
+        check_yaml_config(args[position], SETTINGS)
+    try:
+        return parser.parse_args_and_config(args)
+    except ValueError as e:  # a dataclass's own check (ours, or SFTConfig's)
+        raise ConfigError(str(e)) from None
+
+
+def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset=None, peft_config=None):
+    """TRL's SFTTrainer: it tokenizes with the chat template, masks everything but assistant turns (and their EOS)
+    from the loss, packs the conversations (unless the model's attention would mix them), wraps the model in the
+    LoRA adapter and runs the loop."""
+    from peft import prepare_model_for_kbit_training
+    from trl import SFTTrainer
+
+    class QLoRATrainer(RestoreTrainableDtypesOnResume, SFTTrainer):
+        """SFTTrainer that resumes in the LoRA weights' own dtype (workarounds.py)."""
+
+    quantized = getattr(model, "is_loaded_in_4bit", False)
+    if quantized:
+        keep_4bit_weights_trainable_on_cpu(model)  # before the packing check below runs the model without gradients
+    fall_back_to_length_grouping_if_packing_leaks(model, training_args)
+    if quantized and not fsdp_enabled():
+        # Norms and embeddings to float32 for stable training; TRL then makes the LoRA weights bf16 as in the paper.
+        # Not under FSDP: it flattens each decoder layer into one tensor of one dtype, the 4-bit storage dtype.
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=training_args.activation_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    return QLoRATrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+
+
+@torch.no_grad()
+def packed_examples_stay_apart(model) -> bool:
+    """Whether this model, with its attention implementation, keeps examples packed into one row apart: run two
+    examples packed in one row, change the first one's tokens, and check that the second one's logits stay the same."""
+    if any(p.device.type == "meta" for p in model.parameters()):
+        # FSDP's memory-efficient loading leaves the weights on the meta device in all but the first process.
+        return attention_builds_packing_masks(model)
+    vocab = model.get_input_embeddings().num_embeddings
+    generator = torch.Generator().manual_seed(0)
+    first, other_first, second = (torch.randint(0, min(vocab, 1000), (n,), generator=generator) for n in (6, 6, 7))
+    position_ids = torch.cat([torch.arange(6), torch.arange(7)])[None].to(model.device)
+    was_training = model.training
+    model.eval()
+    try:
+        logits = [
+            model(
+                input_ids=torch.cat([ids, second])[None].to(model.device), position_ids=position_ids, use_cache=False
+            )
+            .logits[0, 6:]
+            .float()
+            for ids in (first, other_first)
+        ]
+    finally:
+        model.train(was_training)
+    # Kept apart, the second example's logits come out of the same kernels on the same inputs: equal. Mixed, they
+    # move by a large share of their scale. 1e-2 leaves room for bf16 rounding in kernels that are not deterministic.
+    scale = logits[0].abs().max().clamp(min=1e-6)
+    return bool(((logits[0] - logits[1]).abs().max() / scale) < 1e-2)
+
+
+def fall_back_to_length_grouping_if_packing_leaks(model, training_args) -> None:
+    """Turn packing off (and group batches by length instead) when the model's attention would mix packed examples."""
+    if not (training_args.packing or training_args.padding_free or training_args.eval_packing):
+        return
+    if packed_examples_stay_apart(model):
+        return
+    logger.warning(
+        "Packing is off: with attn_implementation=%s this model lets examples packed into one row attend to each "
+        "other. Training on batches grouped by length instead (less padding than random batches, more than "
+        "packing). Each micro-batch now holds %d conversations instead of about twice as many: raise "
+        "--gradient_accumulation_steps to keep the examples per step.",
+        attention_implementation(model),
+        training_args.per_device_train_batch_size,
+    )
+    training_args.packing = training_args.padding_free = training_args.eval_packing = False
+    training_args.train_sampling_strategy = "group_by_length"
+
+
+def global_batch_message(trainer) -> str:
+    """Processes x micro-batch x accumulation = examples (packed rows when packing) per optimizer step, in the
+    Trainer's own numbers."""
+    args = trainer.args
+    processes = f"{args.world_size} process" + ("es" if args.world_size > 1 else "")
+    unit = f"packed rows of up to {args.max_length} tokens" if args.packing else "examples"
+    message = (
+        f"{processes} x micro-batch {args.train_batch_size} x accumulation {args.gradient_accumulation_steps} = "
+        f"global batch {trainer.get_total_train_batch_size(args)} {unit} per optimizer step"
+    )
+    if args.n_gpu > 1:  # one process that sees several GPUs: a 4-bit model stays on the first, with their batches
+        message += (
+            f". One process sees {args.n_gpu} GPUs but trains on the first only, with a {args.n_gpu}x micro-batch: "
+            f"launch with `torchrun --nproc_per_node {args.n_gpu} train.py ...` to use them all."
+        )
+    return message
+
+
+class StopOnSignal(TrainerCallback):
+    """After Ctrl-C (SIGINT) or SIGTERM (a cluster's preemption, `kill`): save a checkpoint at the end of the current
+    optimizer step and stop, so that --resume continues exactly there. Installed by `stop_on_signal`."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+
+    def handle(self, signum, frame):
+        if self.signal_name is not None:  # a second signal: give up on the clean stop
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        logger.warning("%s: saving a checkpoint after this step, then stopping (again to abort).", self.signal_name)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if args.world_size > 1 and torch.distributed.is_initialized():
+            # Under torchrun each process gets the signal at its own moment: agree on the step to stop at, or one
+            # process would wait forever for the others in the next step's gradient all-reduce.
+            stop = torch.tensor(int(self.signal_name is not None), device=args.device)
+            torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
+            if stop.item() and self.signal_name is None:
+                self.signal_name = "SIGTERM"  # received by another process
+        if self.signal_name is not None:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+@contextlib.contextmanager
+def stop_on_signal(trainer):
+    """`with stop_on_signal(trainer) as stop: trainer.train()`; afterwards `stop.signal_name` says whether a signal
+    stopped the run. The previous handlers are back once the block ends."""
+    callback = StopOnSignal()
+    trainer.add_callback(callback)
+    previous = {signum: signal.signal(signum, callback.handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield callback
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        trainer.remove_callback(callback)

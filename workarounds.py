@@ -1,0 +1,101 @@
+"""Every use of a library's private API, in one place (axolotl's `monkeypatch/` habit).
+
+Each one names the version that needs it, the symptom it fixes, and the test that fails when upstream renames or
+fixes it. Review this file when raising a version bound in requirements.txt. Heavy imports stay inside functions, so
+`import workarounds` is free.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+
+def hf_argument_parser_class():
+    """transformers 5.24: HfArgumentParser, loaded from its file (`transformers/hf_argparser.py`) without the package.
+
+    Why: `import transformers` takes 1.5-2 s (huggingface_hub and its HTTP stack), which made `inference.py --help`
+    and `app.py --help` slow; the parser's module needs only the standard library and yaml. If the file moves or gains
+    imports, the normal import is used (slower, still correct).
+    Test: tests/test_workarounds.py::test_argument_parser_loads_without_transformers."""
+    if "transformers" not in sys.modules:
+        package = importlib.util.find_spec("transformers")
+        path = Path(package.origin).parent / "hf_argparser.py"
+        if path.is_file():
+            spec = importlib.util.spec_from_file_location("_hf_argparser", path)
+            module = importlib.util.module_from_spec(spec)
+            try:
+                spec.loader.exec_module(module)
+                return module.HfArgumentParser
+            except ImportError:
+                pass
+    from transformers import HfArgumentParser
+
+    return HfArgumentParser
+
+
+def cpu_has_bf16() -> bool:
+    """torch 2.13: whether this CPU runs bf16 natively (AVX512-BF16 or AMX), through the private
+    `torch.ops.mkldnn._is_mkldnn_bf16_supported` (torch has no public query; `torch.cpu` offers none).
+
+    Why: bf16 training on a CPU without these instructions is emulated and slower than float32.
+    Test: tests/test_workarounds.py::test_cpu_bf16_query_exists."""
+    import torch
+
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def keep_4bit_weights_trainable_on_cpu(model) -> None:
+    """bitsandbytes 0.50: turn off the CPU repack of 4-bit weights (`support_avx512bf16_for_cpu`, a module attribute).
+
+    Symptom: on CPUs with AVX512-BF16 the first no-grad forward (an evaluation, a generate) repacks each 4-bit weight
+    into an inference-only layout with no backward pass to the layer's input, so every later training step gets wrong
+    LoRA gradients (a different loss; gradients off by 0.3 on a norm of 2.6), or crashes.
+    Test: tests/test_correctness.py (gradients after an evaluation equal those without one; with the repack, not)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def attention_implementation(model) -> str:
+    """transformers 5.24: the attention kernel a loaded model runs (`config._attn_implementation`, private; the public
+    `attn_implementation` argument is not kept on the config).
+    Test: tests/test_errors.py::test_flash_attention_on_cpu_falls_back_to_sdpa."""
+    return model.config._attn_implementation
+
+
+def attention_builds_packing_masks(model) -> bool:
+    """transformers 5.24: whether the model's attention turns restarting position ids into per-example masks, judged
+    by name (`masking_utils.ALL_MASK_ATTENTION_FUNCTIONS`), for models whose weights are not there to test it (FSDP's
+    meta device).
+    Test: tests/test_workarounds.py::test_packing_mask_registry_knows_sdpa."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    return attention_implementation(model) in ALL_MASK_ATTENTION_FUNCTIONS
+
+
+def render_chat_template(chat_template: str, messages: list[dict], eos_token: str = "") -> str:
+    """transformers 5.24: render a chat template to text without a tokenizer
+    (`transformers.utils.chat_template_utils.render_jinja_template`), with the same Jinja environment
+    `apply_chat_template` uses ({% generation %} included), so previews match training byte for byte.
+    Test: tests/test_workarounds.py::test_rendered_template_matches_the_tokenizer."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    rendered, _ = render_jinja_template(conversations=[messages], chat_template=chat_template, eos_token=eos_token)
+    return rendered[0]
+
+
+class RestoreTrainableDtypesOnResume:
+    """TRL 1.16 + peft 0.21 + transformers 5.24: keep the LoRA weights' dtype when --resume loads a checkpoint
+    (overrides the Trainer's private `_load_from_checkpoint`; mix into the trainer class).
+
+    Symptom: for a 4-bit base TRL trains the LoRA weights in bf16, but on resume the Trainer loads the adapter with
+    peft's `load_adapter`, which upcasts it to float32 (`autocast_adapter_dtype=True`): the resumed run continues in
+    another precision than the run it continues (final adapters 5.6e-4 apart after 3 steps).
+    Test: tests/test_resume.py (a killed and resumed run ends bit-identical to an uninterrupted one)."""
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        dtypes = {name: p.dtype for name, p in self.model.named_parameters() if p.requires_grad}
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        for name, param in self.model.named_parameters():
+            if name in dtypes and param.dtype != dtypes[name]:
+                param.data = param.data.to(dtypes[name])
