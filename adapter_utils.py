@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from checkpoint_utils import ADAPTER_CONFIG, ADAPTER_FILE, latest_checkpoint
-from config import PHI_LORA_TARGETS, LoraArguments, ModelArguments, QuantizationArguments
+from config import GENERATION_CONFIG, PHI_LORA_TARGETS, LoraArguments, ModelArguments, QuantizationArguments
 from model_utils import ModelError, load_model, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -119,6 +119,11 @@ def merge_adapter(adapter: str | Path, out_dir: str | Path, base: str | None = N
         adapter, base, QuantizationArguments(load_in_4bit=False, bnb_4bit_compute_dtype=dtype)
     )
     merged = model.merge_and_unload()
+    documented = Path(adapter) / GENERATION_CONFIG  # the decoding settings the adapter's report measured
+    if documented.is_file():
+        from transformers import GenerationConfig
+
+        merged.generation_config = GenerationConfig.from_pretrained(adapter)
     # generate() on the merged folder stops at the template's end of turn, and batches pad with the same id.
     merged.generation_config.eos_token_id = tokenizer.eos_token_id
     merged.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -22,7 +22,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 
-from cli_utils import argument_parser, fail, quiet_known_noise
+from cli_utils import argument_parser, fail, quiet_known_noise, use_model_decoding_defaults
 from config import ChatModelArguments, GenerationArguments, QuantizationArguments, UserError
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ class PageSettings:
     context_length: int = 2048
     concurrency: int = 1
     stream_timeout: float = 120.0
+    model_settings: bool = False  # the generation settings start from the adapter's generation_config.json
 
 
 class GenerationSlots:
@@ -175,6 +176,12 @@ def build_ui(model, tokenizer, settings: PageSettings):
 
     with gr.Blocks(title="QLoRA chat", analytics_enabled=False, fill_height=True) as page:
         gr.Markdown(f"### {settings.title}")
+        origin = (
+            "the model's own, from its generation_config.json (what its report measured)"
+            if settings.model_settings
+            else "this page's defaults (the model documents none)"
+        )
+        gr.Markdown(f"Decoding: {gen.describe()}; {origin}. The sliders below override them.")
         with gr.Accordion("Generation settings", open=False):
             with gr.Row():
                 temperature = gr.Slider(0, 2, value=gen.temperature, step=0.05, label="Temperature (0: greedy)")
@@ -223,6 +230,7 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
 
 def main(args: list[str] | None = None):
     parser = argument_parser((ChatModelArguments, AppArguments, GenerationArguments, QuantizationArguments), __doc__)
+    model_defaults = use_model_decoding_defaults(parser, args)
     try:
         model_args, app_args, gen_args, quant_args = parser.parse_args_into_dataclasses(args)
     except ValueError as e:
@@ -254,6 +262,7 @@ def main(args: list[str] | None = None):
         context_length=context_length(model),
         concurrency=app_args.concurrency,
         stream_timeout=app_args.stream_timeout,
+        model_settings=bool(model_defaults),
     )
     import gradio as gr
 

@@ -60,6 +60,19 @@ def argument_parser(dataclass_types, description: str | None = None):
     return one_line_errors(parser)
 
 
+def use_model_decoding_defaults(parser, args: list[str] | None) -> dict:
+    """Start the decoding flags from the adapter's generation_config.json (what its report measured); flags given on
+    the command line still win. Returns those defaults ({} without an adapter or a file)."""
+    from config import GenerationArguments
+
+    known, _ = parser.parse_known_args(args)
+    if getattr(known, "no_adapter", False):
+        return {}
+    defaults = GenerationArguments.model_defaults(known.adapter)
+    parser.set_defaults(**defaults)
+    return defaults
+
+
 def one_line_errors(parser):
     """argparse prints the whole usage (hundreds of lines with SFTConfig) before a bad flag's error: one line."""
 

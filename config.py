@@ -9,11 +9,16 @@ The training loop's settings are TRL's `SFTConfig` with our defaults (`trainer_u
 that `import config` stays free of TRL). Parsing lives in `cli_utils.py`.
 """
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 # The modules the original Phi-2 QLoRA recipe adapted: attention projections, the attention output and the MLP.
 PHI_LORA_TARGETS = "q_proj,k_proj,v_proj,dense,fc1,fc2"
+# transformers' file for a model's own decoding settings; the report writes the ones it measured into the adapter.
+GENERATION_CONFIG = "generation_config.json"
+MODEL_DECODING_SETTINGS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")
 
 
 class UserError(ValueError):
@@ -89,7 +94,10 @@ class DataArguments:
     )
     eval_dataset: str | None = field(default=None, metadata={"help": "Held-out data from a local file."})
     eval_fraction: float = field(
-        default=0.0, metadata={"help": "Share of a local --dataset's trees held out for evaluation (split by tree)."}
+        default=0.0, metadata={"help": "Share of a local --dataset's trees held out as the dev set (split by tree)."}
+    )
+    test_fraction: float = field(
+        default=0.0, metadata={"help": "Share of the trees held out as the test set, scored only by the report."}
     )
     policy: Literal["best", "replies"] = field(
         default="best",
@@ -104,6 +112,11 @@ class DataArguments:
     def __post_init__(self):
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"--eval_fraction must be in [0, 1), got {self.eval_fraction}.")
+        if not 0.0 <= self.test_fraction < 1.0 or self.eval_fraction + self.test_fraction >= 1.0:
+            raise ConfigError(
+                f"--test_fraction must be in [0, 1) and leave trees to train on with --eval_fraction, got "
+                f"{self.test_fraction} and {self.eval_fraction}."
+            )
 
     @property
     def lang_list(self) -> list[str]:
@@ -131,6 +144,31 @@ class GenerationArguments:
             raise ConfigError("--top-k must be 0 (no limit) or more.")
         if self.repetition_penalty <= 0:
             raise ConfigError("--repetition-penalty must be above 0; 1.0 means none.")
+
+    @staticmethod
+    def model_defaults(folder: str | Path) -> dict:
+        """The decoding settings a model or adapter folder documents in its generation_config.json (the report
+        writes the ones it measured), as defaults for these fields; {} when there is none."""
+        path = Path(folder) / GENERATION_CONFIG
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # none, or unreadable: today's defaults apply
+            return {}
+        if not isinstance(saved, dict):
+            return {}
+        defaults = {name: saved[name] for name in MODEL_DECODING_SETTINGS if isinstance(saved.get(name), int | float)}
+        if not saved.get("do_sample", False):
+            defaults["temperature"] = 0.0  # greedy
+        return defaults
+
+    def describe(self) -> str:
+        """'greedy, repetition penalty 1.1, up to 512 new tokens' (or the sampling settings)."""
+        decoding = (
+            "greedy"
+            if self.temperature <= 0
+            else f"sampling at temperature {self.temperature:g}, top-p {self.top_p:g}, top-k {self.top_k}"
+        )
+        return f"{decoding}, repetition penalty {self.repetition_penalty:g}, up to {self.max_new_tokens} new tokens"
 
     def generate_kwargs(self) -> dict:
         """Keyword arguments for `model.generate`."""
@@ -164,6 +202,9 @@ class ReportArguments:
         default=1.0, metadata={"help": "Repetition penalty in the clean-stop test; 1.0 is plain greedy."}
     )
     report_examples: int = field(default=3, metadata={"help": "Base and tuned replies shown side by side."})
+    report_on: Literal["test", "dev"] = field(
+        default="test", metadata={"help": "Held-out part to score: test (dev if there is none), or dev to tune on."}
+    )
     license: str = field(
         default="auto", metadata={"help": "License in the model card; auto: the base model's, from its card."}
     )

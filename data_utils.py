@@ -414,34 +414,56 @@ def load_conversations(
     return conversations
 
 
+def held_out_trees(examples: list[dict], *fractions: float) -> list[set[str]]:
+    """Disjoint sets of round(fraction x trees) whole trees, one per fraction, in a stable order of their ids'
+    hashes (the same trees in every run, whatever the policy)."""
+    trees = sorted({e["tree_id"] for e in examples}, key=lambda t: hashlib.sha256(t.encode()).hexdigest())
+    parts, start = [], 0
+    for fraction in fractions:
+        count = max(1, round(fraction * len(trees))) if fraction > 0 else 0
+        parts.append(set(trees[start : start + count]))
+        start += count
+    return parts
+
+
 def split_by_tree(examples: list[dict], eval_fraction: float) -> tuple[list[dict], list[dict]]:
     """Hold out round(fraction x trees) whole trees, chosen by a hash of their id (stable across runs)."""
-    if eval_fraction <= 0:
-        return examples, []
-    trees = sorted({e["tree_id"] for e in examples}, key=lambda t: hashlib.sha256(t.encode()).hexdigest())
-    held_out = set(trees[: max(1, round(eval_fraction * len(trees)))])
+    (held_out,) = held_out_trees(examples, eval_fraction)
     return [e for e in examples if e["tree_id"] not in held_out], [e for e in examples if e["tree_id"] in held_out]
 
 
-def load_train_and_eval(data_args) -> tuple[Conversations, Conversations | None]:
-    """Training and held-out conversations for a run's DataArguments (held-out: None when there is none)."""
+def load_train_and_eval(data_args) -> tuple[Conversations, Conversations | None, Conversations | None]:
+    """Training, dev and test conversations for a run's DataArguments (dev, test: None when there is none).
+
+    Held-out conversations are always the best-ranked multi-turn paths of their trees with loss on every assistant
+    turn, whatever the training policy, so held-out figures compare across runs; they are never filtered by length
+    (the report scores a long one on the tokens that fit). The test part (--test_fraction) is for the final report
+    only: training never sees it, and settings are chosen on dev."""
     langs = data_args.lang_list
     train = load_conversations(data_args.dataset, data_args.dataset_split, data_args.policy, langs)
-    held_out = None
+    dev = test = None
     if data_args.eval_dataset:
-        held_out = load_conversations(data_args.eval_dataset, "train", data_args.policy, langs)
+        dev = load_conversations(data_args.eval_dataset, "train", "best", langs)
     elif data_args.dataset in ("hub", HUB_DATASET) and data_args.eval_split:
-        held_out = load_conversations(data_args.dataset, data_args.eval_split, data_args.policy, langs)
-    elif data_args.eval_fraction > 0:
-        train.examples, held_out_examples = split_by_tree(train.examples, data_args.eval_fraction)
-        held_out = Conversations(held_out_examples, train.loss_on)
+        dev = load_conversations(data_args.dataset, data_args.eval_split, "best", langs)
+    fractions = (data_args.test_fraction, 0.0 if dev else data_args.eval_fraction)
+    if any(fraction > 0 for fraction in fractions):
+        whole = train
+        if data_args.policy != "best":
+            whole = load_conversations(data_args.dataset, data_args.dataset_split, "best", langs)
+        test_trees, dev_trees = held_out_trees(whole.examples, *fractions)
+        if dev_trees:
+            dev = Conversations([e for e in whole.examples if e["tree_id"] in dev_trees], "all")
+        if test_trees:
+            test = Conversations([e for e in whole.examples if e["tree_id"] in test_trees], "all")
+        train.examples = [e for e in train.examples if e["tree_id"] not in test_trees | dev_trees]
         logger.info(
-            "Held out %d trees (%d examples); %d examples left for training.",
-            len({e["tree_id"] for e in held_out_examples}),
-            len(held_out_examples),
+            "Held out %d trees for dev and %d for test; %d examples left for training.",
+            len(dev_trees),
+            len(test_trees),
             len(train.examples),
         )
-    return train, held_out
+    return train, dev, test
 
 
 def drop_long_examples(conversations: Conversations, tokenizer, max_length: int | None) -> Conversations:
@@ -508,8 +530,8 @@ def drop_untrainable_examples(conversations: Conversations, tokenizer, max_lengt
 
 
 def prepare_examples(conversations: Conversations, tokenizer, max_length: int | None, long_examples: str):
-    """The one rule for which examples training and the report see: those longer than max_length dropped when
-    --long_examples drop asks for it, then those that truncation would leave with nothing to train."""
+    """The training examples: those longer than max_length dropped when --long_examples drop asks for it, then those
+    that truncation would leave with nothing to train. Held-out data is never filtered (load_train_and_eval)."""
     if long_examples == "drop":
         conversations = drop_long_examples(conversations, tokenizer, max_length)
     return drop_untrainable_examples(conversations, tokenizer, max_length)

@@ -60,10 +60,14 @@ def generate_replies(
     gen_args: GenerationArguments,
     batch_size: int = 8,
     adapter_names: list[str] | None = None,
+    stop_strings: list[str] | None = None,
+    count_tokens: bool = False,
 ) -> list[dict]:
     """The next reply to each conversation, in order, generated in batches with left padding (so that every row's
     new tokens start at the same position): [{"reply": text, "stopped": ended with EOS within the budget}].
-    `adapter_names` (PEFT models): the adapter for each conversation's row, "__base__" for none."""
+    `adapter_names` (PEFT models): the adapter for each conversation's row, "__base__" for none. `stop_strings`: a row
+    also ends where one of these appears (it stays in the reply, and the row does not count as stopped).
+    `count_tokens`: also "new_tokens", the reply's length in generated tokens (an EOS that ended it included)."""
     if gen_args.seed is not None:
         torch.manual_seed(gen_args.seed)
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -84,16 +88,19 @@ def generate_replies(
                 **batch,
                 **gen_args.generate_kwargs(),
                 **per_row,
+                **({"stop_strings": stop_strings, "tokenizer": tokenizer} if stop_strings else {}),
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
             )
             for row in output[:, batch["input_ids"].shape[1] :].tolist():
                 # Rows that stop early are padded after their EOS: the reply is everything before the first EOS.
-                stopped = tokenizer.eos_token_id in row
-                reply_ids = row[: row.index(tokenizer.eos_token_id)] if stopped else row
-                results.append(
-                    {"reply": tokenizer.decode(reply_ids, skip_special_tokens=True).strip(), "stopped": stopped}
-                )
+                ended = tokenizer.eos_token_id in row
+                reply_ids = row[: row.index(tokenizer.eos_token_id)] if ended else row
+                reply = tokenizer.decode(reply_ids, skip_special_tokens=True).strip()
+                stopped = ended and not any(stop in reply for stop in stop_strings or ())
+                results.append({"reply": reply, "stopped": stopped})
+                if count_tokens:
+                    results[-1]["new_tokens"] = len(reply_ids) + stopped
     finally:
         tokenizer.padding_side = padding_side
     return results

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from cli_utils import argument_parser, fail, quiet_known_noise
+from cli_utils import argument_parser, fail, quiet_known_noise, use_model_decoding_defaults
 from config import ChatModelArguments, GenerationArguments, QuantizationArguments, UserError
 
 EXIT_COMMANDS = ("/exit", "/quit")
@@ -56,6 +56,7 @@ def parse_args(args: list[str] | None):
         (ChatModelArguments, InferenceArguments, GenerationArguments, QuantizationArguments), __doc__
     )
     parser.add_argument("prompt", nargs="?", help="What to ask the model (one-shot mode).")
+    use_model_decoding_defaults(parser, args)
     try:
         model_args, inference_args, gen_args, quant_args, extra = parser.parse_args_into_dataclasses(args)
     except ValueError as e:

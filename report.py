@@ -85,36 +85,65 @@ def generate_replies(model, tokenizer, prompts, max_new_tokens: int, repetition_
     from generation_utils import generate_replies as batched
 
     greedy = GenerationArguments(max_new_tokens=max_new_tokens, temperature=0, repetition_penalty=repetition_penalty)
-    results = batched(model, tokenizer, prompts, greedy, batch_size=32, **per_row)
+    # A reply that invents a "### Human:" turn is unclean whatever follows: its row stops there, not at the budget.
+    results = batched(
+        model, tokenizer, prompts, greedy, batch_size=32, stop_strings=[HUMAN], count_tokens=True, **per_row
+    )
     return [{**r, "clean": r["stopped"] and HUMAN not in r["reply"]} for r in results]
 
 
-def figures(model, tokenizer, held_out: Conversations, report_args, max_length: int | None) -> dict:
-    """Loss, perplexity and clean-stop rate, with the adapter off (base) and on (tuned)."""
-    # Each held-out conversation's opening question (once per question: the replies policy repeats them).
-    openings = {e["messages"][0]["content"]: e["messages"][:1] for e in held_out.examples}
-    prompts = list(openings.values())[: report_args.report_prompts]
+def losses(model, tokenizer, held_out: Conversations, max_length: int | None) -> dict:
+    """Held-out loss and perplexity with the adapter off (base) and on (tuned), and the assistant tokens scored."""
     result = {}
     for name in ("base", "tuned"):
         logger.info("Held-out loss of the %s model on %d conversations...", name, len(held_out.examples))
         with model.disable_adapter() if name == "base" else contextlib.nullcontext():
             loss, tokens = assistant_token_loss(model, tokenizer, held_out, max_length)
         result[name] = {"heldout_loss": loss, "heldout_perplexity": math.exp(loss)}
-    # Base and tuned replies in one batch: PEFT runs the rows named "__base__" without the adapter, so both sides get
-    # the same prompts and padding in one generate call (faster than two; BENCHMARKS.md).
-    logger.info("Base and tuned replies to %d held-out prompts...", len(prompts))
+    result["assistant_tokens"] = tokens
+    return result
+
+
+def clean_stops(model, tokenizer, prompts: list, max_new_tokens: int, repetition_penalty: float) -> dict:
+    """Greedy replies of base and tuned, in one batch (PEFT runs the rows named "__base__" without the adapter, so
+    both sides get the same prompts and padding in one generate call): clean-stop rate and reply lengths."""
     replies = generate_replies(
         model,
         tokenizer,
         prompts + prompts,
-        report_args.report_max_new_tokens,
-        report_args.report_repetition_penalty,
+        max_new_tokens,
+        repetition_penalty,
         adapter_names=["__base__"] * len(prompts) + [model.active_adapter] * len(prompts),
     )
+    result = {}
     for name, side in (("base", replies[: len(prompts)]), ("tuned", replies[len(prompts) :])):
-        result[name]["clean_stop_rate"] = sum(r["clean"] for r in side) / max(len(side), 1)
-        result[name]["replies"] = side
-    result["assistant_tokens"] = tokens
+        lengths = sorted(r["new_tokens"] for r in side)
+        result[name] = {
+            "clean_stop_rate": sum(r["clean"] for r in side) / max(len(side), 1),
+            "median_reply_tokens": lengths[len(lengths) // 2] if lengths else 0,
+            "replies": side,
+        }
+    return result
+
+
+def figures(model, tokenizer, held_out: Conversations, report_args, max_length: int | None) -> dict:
+    """Loss and perplexity, with the adapter off (base) and on (tuned); clean-stop rates under plain greedy decoding
+    and under the run's documented settings (--report_repetition_penalty). "base" and "tuned" hold the headline
+    figures (the documented settings); "greedy" the plain-greedy ones."""
+    # Each held-out conversation's opening question, once per question.
+    openings = {e["messages"][0]["content"]: e["messages"][:1] for e in held_out.examples}
+    prompts = list(openings.values())[: report_args.report_prompts]
+    result = losses(model, tokenizer, held_out, max_length)
+    logger.info("Base and tuned replies to %d held-out prompts...", len(prompts))
+    penalty = report_args.report_repetition_penalty
+    documented = clean_stops(model, tokenizer, prompts, report_args.report_max_new_tokens, penalty)
+    greedy = documented
+    if penalty != 1.0:
+        logger.info("The same prompts under plain greedy decoding...")
+        greedy = clean_stops(model, tokenizer, prompts, report_args.report_max_new_tokens, 1.0)
+    for name in ("base", "tuned"):
+        result[name].update(documented[name])
+    result["greedy"] = {name: {k: v for k, v in greedy[name].items() if k != "replies"} for name in greedy}
     result["loss_ratio"] = result["tuned"]["heldout_loss"] / result["base"]["heldout_loss"]
     result["prompts"] = [p[0]["content"] for p in prompts]
     return result
@@ -212,15 +241,24 @@ def model_card(run: dict, data: dict, train_metrics: dict, report: dict, has_plo
 
 
 def card_body(name: str, run: dict, data: dict, train_metrics: dict, report: dict, has_plot: bool) -> str:
-    base, tuned = report["base"], report["tuned"]
+    base, tuned, greedy = report["base"], report["tuned"], report["greedy"]
     rows = "\n".join(
         f"| {label} | {base[key]:{fmt}} | {tuned[key]:{fmt}} |"
         for label, key, fmt in (
             ("Held-out loss (assistant tokens)", "heldout_loss", ".4f"),
             ("Held-out perplexity", "heldout_perplexity", ".2f"),
             ("Clean-stop rate", "clean_stop_rate", ".0%"),
+            ("Median reply length (tokens)", "median_reply_tokens", "d"),
         )
     )
+    rows += f"\n| Clean-stop rate, plain greedy | {greedy['base']['clean_stop_rate']:.0%} | "
+    rows += f"{greedy['tuned']['clean_stop_rate']:.0%} |"
+    if "unquantized" in report:
+        unquantized = report["unquantized"]
+        rows += (
+            f"\n| Held-out loss, unquantized base (adapter off / on) | {unquantized['base']['heldout_loss']:.4f} "
+            f"| {unquantized['tuned']['heldout_loss']:.4f} |"
+        )
     examples = "\n\n".join(
         f"**Prompt:** {prompt}\n\n- *Base:* {b['reply'][:600]!s}\n- *Tuned:* {t['reply'][:600]!s}"
         for prompt, b, t in list(zip(report["prompts"], base["replies"], tuned["replies"], strict=True))[
@@ -252,15 +290,20 @@ A LoRA adapter trained with 4-bit ({run["bnb_4bit_quant_type"]}) QLoRA on OpenAs
   final training loss {train_metrics.get("train_loss", float("nan")):.4f}.
 - Framework versions: {framework_versions()}.
 
-## Evaluation (held-out conversations, base vs tuned)
+## Evaluation ({report["heldout_part"]} part: {data["heldout_trees"]} held-out trees, base vs tuned)
 
 | | base | tuned |
 |---|---|---|
 {rows}
 
+The loss covers every assistant turn of each held-out conversation, long ones included: a conversation longer than
+{run["max_length"]} tokens is scored on the tokens that fit. The base and tuned columns run on the 4-bit base, as
+trained and served; the last row loads the base unquantized, to show what 4-bit costs and what the adapter buys back.
 Tuned/base held-out loss: {report["loss_ratio"]:.3f}. Clean stop: greedy replies (repetition penalty
 {run.get("report_repetition_penalty", 1.0)}) to {len(report["prompts"])} held-out prompts, within
-{run.get("report_max_new_tokens", "n/a")} new tokens, that end with EOS and invent no "### Human:" turn.
+{run.get("report_max_new_tokens", "n/a")} new tokens, that end with EOS and invent no "### Human:" turn; the plain
+greedy row uses no repetition penalty. These settings are saved as the adapter's `generation_config.json`:
+`inference.py`, `app.py`, the merged model and `generate()` start from them.
 {"" if not has_plot else chr(10) + "![training and held-out loss](loss.png)" + chr(10)}
 ## Examples
 
@@ -349,23 +392,39 @@ def main(args: list[str] | None = None) -> dict | None:
 
 
 def write_report(folder: Path, run: dict, report_args: ReportArguments) -> dict:
+    import gc
+
     from adapter_utils import load_chat_model
     from data_utils import load_train_and_eval, prepare_examples
 
-    # 1. The held-out conversations, by the same rule training used (data_utils.prepare_examples).
-    train_data, held_out = load_train_and_eval(settings(DataArguments, run))
+    # 1. The held-out conversations: the test part if the run has one, else the dev part training evaluated on.
+    # Never filtered by length: a long conversation is scored on its first --max_length tokens.
+    train_data, dev, test = load_train_and_eval(settings(DataArguments, run))
+    held_out, part = (test, "test") if test and report_args.report_on == "test" else (dev, "dev")
     if held_out is None or not held_out.examples:
         raise UserError("no held-out data in this run: train with --eval_fraction, --eval_dataset or --eval_split.")
-    model_args = settings(ModelArguments, run)
-    model, tokenizer = load_chat_model(
-        folder, model_args.model_name_or_path, settings(QuantizationArguments, run), model_args.attn_implementation
-    )
+    model_args, quant_args = settings(ModelArguments, run), settings(QuantizationArguments, run)
+    base = model_args.model_name_or_path
+    model, tokenizer = load_chat_model(folder, base, quant_args, model_args.attn_implementation)
     train_data = prepare_examples(train_data, tokenizer, run["max_length"], run["long_examples"])
-    held_out = prepare_examples(held_out, tokenizer, run["max_length"], run["long_examples"])
 
-    # 2. The figures, base (adapter off) and tuned.
+    # 2. The figures, base (adapter off) and tuned, on the base as trained (4-bit); then the losses on the
+    # unquantized base, to show what quantization cost and what the adapter buys back.
     report = figures(model, tokenizer, held_out, report_args, run["max_length"])
-    report["heldout_ids"] = [e["id"] for e in held_out.examples]
+    report["heldout_part"], report["heldout_ids"] = part, [e["id"] for e in held_out.examples]
+    # The decoding settings the clean-stop rate was measured with become the adapter's own: inference.py, app.py,
+    # the merged model and any generate() start from them.
+    documented_decoding(tokenizer, report_args).save_pretrained(folder)
+    if quant_args.load_in_4bit:
+        del model
+        gc.collect()
+        unquantized = QuantizationArguments(
+            load_in_4bit=False, bnb_4bit_compute_dtype=quant_args.bnb_4bit_compute_dtype
+        )
+        model, _ = load_chat_model(folder, base, unquantized, model_args.attn_implementation)
+        report["unquantized"] = losses(model, tokenizer, held_out, run["max_length"])
+    del model
+    gc.collect()
 
     # 3. The files: eval.json, loss.png, README.md.
     state_file, metrics_file = folder / "trainer_state.json", folder / "train_results.json"
@@ -375,6 +434,7 @@ def write_report(folder: Path, run: dict, report_args: ReportArguments) -> dict:
     data = {
         "train_examples": len(train_data.examples),
         "heldout_examples": len(held_out.examples),
+        "heldout_trees": len({e["tree_id"] for e in held_out.examples}),
         "filters": dict(train_data.counts),
         "oasst1": "messages" in train_data.counts,  # built from oasst1 rows or trees, not the user's own chats
         "lora": lora_settings(folder),
@@ -384,12 +444,47 @@ def write_report(folder: Path, run: dict, report_args: ReportArguments) -> dict:
     run = {**run, **vars(report_args)}
     model_card(run, data, train_metrics, report, has_plot).save(folder / "README.md")
     print(
-        f"held-out loss (assistant tokens): base {report['base']['heldout_loss']:.4f}, "
-        f"tuned {report['tuned']['heldout_loss']:.4f} (x{report['loss_ratio']:.3f}); clean-stop rate: "
-        f"base {report['base']['clean_stop_rate']:.0%}, tuned {report['tuned']['clean_stop_rate']:.0%}; "
-        f"wrote {folder / 'eval.json'}, {folder / 'README.md'}" + (f", {folder / 'loss.png'}" if has_plot else "")
+        summary(report)
+        + f"; wrote {folder / 'eval.json'}, {folder / 'README.md'}"
+        + (", loss.png" if has_plot else "")
     )
     return report
+
+
+def documented_decoding(tokenizer, report_args: ReportArguments):
+    """The report's decoding settings as a transformers GenerationConfig: greedy, its repetition penalty and budget."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        do_sample=False,
+        max_new_tokens=report_args.report_max_new_tokens,
+        repetition_penalty=report_args.report_repetition_penalty,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def summary(report: dict) -> str:
+    """The report's figures in a few lines, as the demo and train.py print them."""
+    base, tuned, greedy = report["base"], report["tuned"], report["greedy"]
+    lines = [f"held-out loss (assistant tokens), {report['heldout_part']} part, {report['assistant_tokens']} tokens:"]
+    if "unquantized" in report:
+        unquantized = report["unquantized"]
+        lines.append(
+            f"  base unquantized {unquantized['base']['heldout_loss']:.4f} | base 4-bit {base['heldout_loss']:.4f} | "
+            f"tuned on 4-bit {tuned['heldout_loss']:.4f} (x{report['loss_ratio']:.3f}) | adapter on the unquantized "
+            f"base {unquantized['tuned']['heldout_loss']:.4f}"
+        )
+    else:
+        lines.append(
+            f"  base {base['heldout_loss']:.4f} | tuned {tuned['heldout_loss']:.4f} (x{report['loss_ratio']:.3f})"
+        )
+    lines.append(
+        f"clean-stop rate on {len(report['prompts'])} prompts: base {base['clean_stop_rate']:.0%} -> tuned "
+        f"{tuned['clean_stop_rate']:.0%}; plain greedy: base {greedy['base']['clean_stop_rate']:.0%} -> tuned "
+        f"{greedy['tuned']['clean_stop_rate']:.0%}"
+    )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

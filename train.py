@@ -59,12 +59,12 @@ def train(args: list[str] | None):
         logger.info("Resuming from %s", resume_from)
 
     # 2. Data: oasst1 (or your conversations) -> examples in the conversation template, with the tokenizer's lengths.
-    train_data, eval_data = load_train_and_eval(data_args)
+    # The dev part is evaluated during training; the test part is the report's alone (data_utils.load_train_and_eval).
+    train_data, eval_data, _ = load_train_and_eval(data_args)
     tokenizer = load_tokenizer(
         model_args.model_name_or_path, model_args.model_revision, training_args.trust_remote_code
     )
     train_data = prepare_examples(train_data, tokenizer, training_args.max_length, data_args.long_examples)
-    eval_data = eval_data and prepare_examples(eval_data, tokenizer, training_args.max_length, data_args.long_examples)
 
     # 3. The 4-bit base, and the trainer: SFTTrainer tokenizes, masks the loss to assistant turns, adds the adapter.
     model = load_model(model_args, quant_args, training_args.trust_remote_code)
@@ -120,7 +120,7 @@ def train(args: list[str] | None):
 
     # 6. Report: base vs tuned on the held-out data -> eval.json, loss.png, README.md (a model card). One process
     # writes it; the others are done (waiting would only hold their devices).
-    if report_args.final_report and eval_data is not None and is_main_process():
+    if report_args.final_report and (eval_data or data_args.test_fraction) and is_main_process():
         import report
 
         if trainer.is_fsdp_enabled:  # the report loads the whole base on one device, which FSDP was used to avoid

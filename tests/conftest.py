@@ -1,5 +1,6 @@
 """Shared fixtures: the bundled oasst1 sample and a tiny random model with Phi-2's architecture."""
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -89,9 +90,9 @@ def yes_adapter(tiny_phi, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def chat_server(yes_adapter, tmp_path_factory):
-    """app.py serving the "Yes." adapter on a free port (greedy, short replies), shared by the page tests."""
+@contextlib.contextmanager
+def serve_app(args: list[str], log: Path):
+    """app.py with these arguments on a free port, until the block ends; yields its URL once the page answers."""
     import socket
     import subprocess
     import time
@@ -100,9 +101,7 @@ def chat_server(yes_adapter, tmp_path_factory):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    log = tmp_path_factory.mktemp("app") / "app.log"
-    command = [sys.executable, "app.py", "--adapter", str(yes_adapter), "--port", str(port), "--load_in_4bit", "false"]
-    command += ["--temperature", "0", "--max_new_tokens", "12", "--max_input_chars", "200"]
+    command = [sys.executable, "app.py", *args, "--port", str(port)]
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
     with log.open("w") as log_file:
         server = subprocess.Popen(command, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, env=env)
@@ -125,6 +124,14 @@ def chat_server(yes_adapter, tmp_path_factory):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def chat_server(yes_adapter, tmp_path_factory):
+    """app.py serving the "Yes." adapter on a free port (greedy, short replies), shared by the page tests."""
+    args = ["--adapter", str(yes_adapter), "--load_in_4bit", "false", "--temperature", "0", "--max_new_tokens", "12"]
+    with serve_app([*args, "--max_input_chars", "200"], tmp_path_factory.mktemp("app") / "app.log") as url:
+        yield url
 
 
 def folder_snapshot(folder: Path) -> dict[str, str]:

@@ -265,3 +265,22 @@ def test_export_cli(sample_path, tmp_path):
     for record in records:
         assert record["text"] == format_text(record["messages"])
         assert "<|endoftext|>" not in record["text"]
+
+
+def test_dev_and_test_parts_are_disjoint_whole_trees_of_best_paths(sample_path):
+    from config import DataArguments
+    from data_utils import load_train_and_eval
+
+    args = DataArguments(dataset=str(sample_path), eval_fraction=0.2, test_fraction=0.2, policy="replies")
+    train, dev, test = load_train_and_eval(args)
+    trees = [{e["tree_id"] for e in part.examples} for part in (train, dev, test)]
+    assert len(trees[1]) == len(trees[2]) == 20 and not (
+        trees[0] & trees[1] or trees[0] & trees[2] or trees[1] & trees[2]
+    )
+    assert train.loss_on == "last" and dev.loss_on == test.loss_on == "all"  # held out: whole conversations, always
+    assert len(dev.examples) == 20 and len(test.examples) == 20  # one best path per tree
+    # Without a test part, the dev part is the same trees as before there was one (runs stay comparable).
+    _, dev_only, none = load_train_and_eval(DataArguments(dataset=str(sample_path), eval_fraction=0.2))
+    assert none is None and [e["tree_id"] for e in dev_only.examples] == [
+        e["tree_id"] for e in split_by_tree(load_conversations(str(sample_path)).examples, 0.2)[1]
+    ]

@@ -121,7 +121,7 @@ def test_base_and_tuned_replies_in_one_batch_match_separate_runs(yes_adapter):
 @pytest.fixture(scope="module")
 def short_context_run(tiny_phi, tmp_path_factory, sample_path):
     """One step with --max_length 40 on a copy of the tiny base that carries a model card, as demo_model.py writes
-    for SmolLM2: at 40 tokens some held-out prompts leave nothing to train, so the held-out rule has work to do."""
+    for SmolLM2: at 40 tokens most conversations are cut, and some prompts leave nothing to train."""
     import shutil
 
     from huggingface_hub import ModelCard, ModelCardData
@@ -133,18 +133,43 @@ def short_context_run(tiny_phi, tmp_path_factory, sample_path):
     data = ModelCardData(base_model="HuggingFaceTB/SmolLM2-135M-Instruct", license="apache-2.0")
     ModelCard(f"---\n{data.to_yaml()}\n---\nA copy.\n").save(base / "README.md")
     out = folder / "model"
-    args = ["--model", str(base), "--dataset", str(sample_path), "--eval_fraction", "0.2", "--output_dir", str(out)]
+    args = ["--model", str(base), "--dataset", str(sample_path), "--eval_fraction", "0.2", "--test_fraction", "0.1"]
+    args += ["--output_dir", str(out)]
     args += ["--max_steps", "1", "--max_length", "40", "--lora_r", "4", "--report_to", "none"]
     args += ["--report_prompts", "2", "--report_max_new_tokens", "4", "--save_steps", "1000"]
     train.main(args)
     return out
 
 
-def test_the_report_scores_exactly_the_examples_training_evaluated_on(short_context_run):
+def test_the_report_scores_the_test_part_and_on_request_exactly_the_dev_part_training_evaluated_on(
+    short_context_run, tmp_path
+):
+    import shutil
+
+    import report as script
+
     trained_on = json.loads((short_context_run / "train_results.json").read_text())["heldout_ids"]
+    test = json.loads((short_context_run / "eval.json").read_text())
+    assert test["heldout_part"] == "test" and test["data"]["heldout_trees"] == 10
+    assert not set(test["heldout_ids"]) & set(trained_on)  # the test part was never evaluated on in training
+
+    copy = shutil.copytree(short_context_run, tmp_path / "model")
+    dev = script.main(["--model_dir", str(copy), "--report_on", "dev", "--report_prompts", "1"])
+    assert dev["heldout_ids"] == trained_on and dev["heldout_part"] == "dev"
+    # Every held-out tree is scored, although most of these conversations are longer than --max_length 40.
+    assert len(trained_on) == json.loads((copy / "eval.json").read_text())["data"]["heldout_trees"] == 20
+
+
+def test_the_report_shows_what_quantization_costs_and_what_the_adapter_buys_back(short_context_run):
     report = json.loads((short_context_run / "eval.json").read_text())
-    assert report["heldout_ids"] == trained_on
-    assert 0 < len(trained_on) == report["data"]["heldout_examples"] < 20  # of 20 held-out trees, some were dropped
+    unquantized, four_bit = report["unquantized"], (report["base"], report["tuned"])
+    for figures in (unquantized["base"], unquantized["tuned"], *four_bit):
+        assert math.isfinite(figures["heldout_loss"])
+    assert unquantized["assistant_tokens"] == report["assistant_tokens"] > 0
+    assert unquantized["base"]["heldout_loss"] != report["base"]["heldout_loss"]  # nf4 changes the weights
+    for side in ("base", "tuned"):  # clean stop under the documented settings and under plain greedy decoding
+        assert len(report[side]["replies"]) == 2 and 0 <= report["greedy"][side]["clean_stop_rate"] <= 1
+        assert all(0 < r["new_tokens"] <= 4 for r in report[side]["replies"])
 
 
 def test_the_model_card_parses_with_hub_metadata(short_context_run):
