@@ -3,6 +3,8 @@
     python bench/gpu_phi2.py                  # on a CUDA GPU: Phi-2's exact size, random weights (untested)
     python bench/gpu_phi2.py --tiny           # the same code at a tiny size on CPU (a smoke test, ~1 minute)
     python bench/gpu_phi2.py --steps 30 --attn_implementation flash_attention_2
+    python bench/gpu_phi2.py --keep_model /tmp/phi2 --build_only            # only write the random Phi-2
+    python bench/gpu_phi2.py --model /tmp/phi2 --variants ours --micro_batch 8 --gradient_checkpointing false
 
 The model is a PhiForCausalLM with Phi-2's exact configuration (microsoft/phi-2's config.json: hidden 2560,
 32 layers, 32 heads of 80, MLP 10240, vocabulary 51,200, partial rotary factor 0.4, gelu_new, layer-norm eps 1e-5,
@@ -11,7 +13,7 @@ loaded through the repo's `model_utils.load_model` (4-bit nf4, double quantizati
 loads microsoft/phi-2. Both variants train the repo's default LoRA (r 64, alpha 16, dropout 0.1 on q/k/v/dense/fc1/
 fc2) with gradient checkpointing and paged AdamW 32-bit, micro-batch 4, one micro-batch per optimizer step, on the
 bundled oasst1 conversations (tokenized with SmolLM2's tokenizer from cache/ when present, as a stand-in for Phi-2's
-byte-level BPE; else with tiny_model.py's BPE):
+byte-level BPE; else with tiny_model.py's BPE; --tokenizer chooses):
 
 - original: each batch of 4 conversations padded to its longest, cut at 512 tokens, no packing;
 - ours: the repo's default: 4 rows of up to 512 tokens packed best-fit-decreasing, run padding-free.
@@ -90,14 +92,27 @@ def matmul_params(config) -> int:
     return layers * per_layer + v * h + v
 
 
-def build_model(out: Path, tiny: bool) -> Path:
-    """Phi-2's configuration with random weights, saved in bf16 with a tokenizer, loadable like microsoft/phi-2."""
+def build_model(out: Path, tiny: bool, tokenizer_from: str = "auto", vocabulary_of_tokenizer: bool = False) -> Path:
+    """Phi-2's configuration with random weights, saved in bf16 with a tokenizer, loadable like microsoft/phi-2.
+
+    tokenizer_from: a tokenizer folder, "tiny" (tiny_model.py's byte-level BPE) or "auto" (SmolLM2's from cache/ when
+    present, else tiny). vocabulary_of_tokenizer: size the embedding and output head to the tokenizer instead of
+    Phi-2's 51,200 (a much smaller tiny model with the tiny BPE). Also used by bench/gpu_check.py, whose training
+    steps run on this model."""
     import torch
     from transformers import AutoTokenizer, PhiConfig, PhiForCausalLM
 
     from tiny_model import build_tokenizer
 
-    config = PhiConfig(**{**PHI2, **(TINY if tiny else {})})
+    if tokenizer_from == "auto":
+        tokenizer_from = str(SMOLLM2) if SMOLLM2.is_dir() else "tiny"
+    tokenizer = build_tokenizer() if tokenizer_from == "tiny" else AutoTokenizer.from_pretrained(tokenizer_from)
+    vocabulary = {}
+    if vocabulary_of_tokenizer:
+        vocabulary = dict(
+            vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
+        )
+    config = PhiConfig(**{**PHI2, **(TINY if tiny else {}), **vocabulary})
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     with torch.device(device):
@@ -106,7 +121,6 @@ def build_model(out: Path, tiny: bool) -> Path:
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the variants run in their own processes and need the GPU to themselves
-    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2) if SMOLLM2.is_dir() else build_tokenizer()
     assert len(tokenizer) <= config.vocab_size
     tokenizer.save_pretrained(out)
     return out
@@ -129,22 +143,23 @@ def run_variant(args) -> dict:
         ModelArguments(model_name_or_path=args.model, attn_implementation=args.attn_implementation),
         QuantizationArguments(),  # 4-bit nf4, double quantization, bf16 compute where the GPU has it
     )
-    records = training_records(SAMPLE, "best", tokenizer=tokenizer)  # the Trainer goes round them again if needed
+    # The Trainer goes round the records again if it needs more.
+    records = training_records(SAMPLE, "best", tokenizer=tokenizer, max_length=args.max_length)
     common = dict(
         output_dir=tempfile.mkdtemp(),
         report_to="none",
         max_steps=args.warmup + args.steps,
         save_strategy="no",
         logging_steps=10**6,
-        max_length=512,
-        per_device_train_batch_size=4,
+        max_length=args.max_length,
+        per_device_train_batch_size=args.micro_batch,
         gradient_accumulation_steps=1,  # one micro-batch per step: each step's time is one micro-batch's
         seed=0,
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
     packing = args.variant == "ours"
-    training_args = TrainingConfig(**common, packing=packing)
+    training_args = TrainingConfig(**common, packing=packing, gradient_checkpointing=args.gradient_checkpointing)
     lora = build_lora_config(LoraArguments(), "phi")
     trainer = build_trainer(model, tokenizer, training_args, Dataset.from_list(records), peft_config=lora)
     counter = TokenCounter(trainer)
@@ -181,6 +196,9 @@ def run_variant(args) -> dict:
         "peak_memory_kind": peak_kind,
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if torch.cuda.is_available() else None,
         "packing": bool(trainer.args.packing),
+        "micro_batch": args.micro_batch,
+        "max_length": args.max_length,
+        "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
     }
 
 
@@ -191,14 +209,40 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=3, help="Untimed steps first (kernel selection, allocator).")
     parser.add_argument("--attn_implementation", default="sdpa", help="sdpa, eager or flash_attention_2.")
     parser.add_argument("--peak_tflops", type=float, help="The GPU's dense bf16 peak, if not in the table.")
+    parser.add_argument("--micro_batch", type=int, default=4, help="Rows per micro-batch (one per optimizer step).")
+    parser.add_argument("--max_length", type=int, default=512, help="Tokens per row.")
+    parser.add_argument(
+        "--gradient_checkpointing", type=lambda v: v.lower() in ("true", "1", "yes"), default=True, help="true/false."
+    )
+    parser.add_argument("--variants", default="original,ours", help="Which variants to run, comma-separated.")
     parser.add_argument("--model", help="Reuse a model folder written by an earlier run (--keep_model).")
     parser.add_argument("--keep_model", help="Write the random Phi-2 here (5.6 GB) and keep it for later runs.")
+    parser.add_argument("--build_only", action="store_true", help="Only write the model to --keep_model.")
+    parser.add_argument(
+        "--vocabulary_of_tokenizer",
+        action="store_true",
+        help="Size the embedding and output head to the tokenizer, not to Phi-2's 51,200 tokens (a faster --tiny).",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default="auto",
+        help="Tokenizer saved with the model: a folder, 'tiny' (tiny_model.py's BPE), or auto (SmolLM2's from "
+        "cache/ when present, else tiny).",
+    )
     parser.add_argument("--json", default="bench/results/gpu_phi2.json", help="Where to write the figures.")
     parser.add_argument("--variant", choices=["original", "ours"], help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.warmup < 1:
         parser.error("--warmup must be at least 1 (the clock starts at the end of a step)")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not variants or set(variants) - {"original", "ours"}:
+        parser.error("--variants takes original, ours or both (comma-separated)")
+    if args.build_only and not args.keep_model:
+        parser.error("--build_only needs --keep_model DIR (where to write the model)")
+    if args.build_only:
+        print(build_model(Path(args.keep_model), args.tiny, args.tokenizer, args.vocabulary_of_tokenizer))
+        return {}
 
     if args.variant:  # a child process: one variant
         Path(args.result).write_text(json.dumps(run_variant(args)))
@@ -207,20 +251,25 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
         if model_dir is None:
-            model_dir = str(build_model(Path(args.keep_model or Path(tmp) / "phi2-random"), args.tiny))
-        results = {
-            variant: run_variant_process(__file__, argv, model_dir, variant, tmp) for variant in ("original", "ours")
-        }
+            folder = Path(args.keep_model or Path(tmp) / "phi2-random")
+            model_dir = str(build_model(folder, args.tiny, args.tokenizer, args.vocabulary_of_tokenizer))
+        results = {variant: run_variant_process(__file__, argv, model_dir, variant, tmp) for variant in variants}
 
-    original, ours = results["original"], results["ours"]
+    original, ours = results.get("original", {}), results.get("ours", {})
     summary = {
         "model": "Phi-2 architecture, random weights" + (" (tiny size)" if args.tiny else " (full size)"),
         "attn_implementation": args.attn_implementation,
-        "original": original,
-        "ours": ours,
-        "tokens_per_second_ratio": round(ours["real_tokens_per_second"] / original["real_tokens_per_second"], 2),
+        **results,
     }
-    print(f"\n{summary['model']}, 4-bit nf4 QLoRA, micro-batch 4 x 512, on {ours['device']}")
+    if original and ours:
+        summary["tokens_per_second_ratio"] = round(
+            ours["real_tokens_per_second"] / original["real_tokens_per_second"], 2
+        )
+    some = ours or original
+    print(
+        f"\n{summary['model']}, 4-bit nf4 QLoRA, micro-batch {args.micro_batch} x {args.max_length}, gradient "
+        f"checkpointing {'on' if args.gradient_checkpointing else 'off'}, on {some['device']}"
+    )
     print_table(
         original,
         ours,
@@ -229,11 +278,12 @@ def main(argv: list[str] | None = None) -> dict:
             ("timed steps", "timed_steps", "{:d}"),
             ("real tokens / s", "real_tokens_per_second", "{:.1f}"),
             ("MFU (4N FLOPs per token)", "mfu", "{:.3f}"),
-            (f"peak memory GiB ({ours['peak_memory_kind']})", "peak_memory_gib", "{:.2f}"),
+            (f"peak memory GiB ({some['peak_memory_kind']})", "peak_memory_gib", "{:.2f}"),
             ("peak CUDA memory reserved GiB", "peak_reserved_gib", "{:.2f}"),
         ],
     )
-    print(f"real tokens/s ratio (ours / original): {summary['tokens_per_second_ratio']}x")
+    if "tokens_per_second_ratio" in summary:
+        print(f"real tokens/s ratio (ours / original): {summary['tokens_per_second_ratio']}x")
     write_json(args.json, summary)
     return summary
 
