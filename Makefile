@@ -10,7 +10,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint install chromium clean
+.PHONY: demo test lint install chromium clean gpu-wheels gpu-check gpu-rehearsal
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,18 @@ chromium:
 			echo "The browser test needs Chromium: sudo apt-get install chromium (or set CHROMIUM=/path/to/it)."; \
 		fi; \
 	fi
+
+# The GPU check (BENCHMARKS.md, "Phi-2 on a GPU"). gpu-wheels, here: the wheels and tokenizer the GPU machine lacks,
+# into .whl/ (fails if what travels would pass 64 MiB). gpu-check, on that machine (no venv, no network there).
+# gpu-rehearsal: the same steps at tiny size on CPU.
+gpu-wheels: install
+	$(PY) bench/gpu_wheels.py
+
+gpu-check:
+	bash bench/gpu_check.sh
+
+gpu-rehearsal: install
+	PYTHON=$(PY) bash bench/gpu_check.sh --rehearsal
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

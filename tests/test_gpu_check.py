@@ -1,0 +1,228 @@
+"""The prepared GPU check (bench/gpu_check.sh) rehearsed on CPU, and what `make gpu-wheels` carries to the GPU.
+
+The rehearsal runs every step of the check at tiny size (about 2-3 minutes on 2 cores): these tests keep the one
+command a GPU session would run from rotting before a session with a GPU runs it.
+"""
+
+import importlib.metadata
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from packaging.requirements import Requirement
+from transformers import PhiConfig, PhiForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from gpu_check import CARRIED, PROMPTS, REHEARSAL  # noqa: E402
+from gpu_phi2 import PHI2, TINY  # noqa: E402
+from gpu_wheels import WHEELS, travelling_bytes  # noqa: E402
+
+STEPS = [
+    "environment",
+    "build_model",
+    "bench",
+    "train",
+    "train_fp16",
+    "train_bf16",
+    "inference",
+    "inference_batch",
+    "merge",
+    "bench_mb8",
+    "bench_mb16",
+    "bench_no_gc",
+]
+
+
+@pytest.fixture(scope="module")
+def rehearsal(tmp_path_factory):
+    """`bash bench/gpu_check.sh --rehearsal` with tiny_model.py's tokenizer (CI has no .whl/): (process, out folder,
+    the files the archive holds, unpacked)."""
+    folder = tmp_path_factory.mktemp("gpu-check")
+    out = folder / "out"
+    command = ["bash", "bench/gpu_check.sh", "--rehearsal", "--tokenizer", "tiny", "--work", str(folder / "work")]
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    with tarfile.open(out / "gpu_check_files.tar.gz") as archive:
+        archive.extractall(folder / "files", filter="data")
+    return done, out, folder / "files"
+
+
+@pytest.fixture(scope="module")
+def result(rehearsal):
+    return json.loads((rehearsal[1] / "gpu_check.json").read_text())
+
+
+def figures(result, step):
+    return result["steps"][step]["figures"]
+
+
+def test_every_step_runs_and_passes_in_order(rehearsal, result):
+    done, out, files = rehearsal
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert list(result["steps"]) == STEPS
+    for name, step in result["steps"].items():
+        assert (step["status"], step["error"]) == ("passed", None), name
+        assert step["seconds"] > 0 and (files / step["log"]).stat().st_size > 0
+    # The device tool brings back 8 files of $OUT at most, 2 folders down.
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.log", "gpu_check_files.tar.gz"]
+    assert sorted(p.name for p in (files / "logs").iterdir()) == sorted(f"{name}.log" for name in STEPS)
+    assert result["kind"] == "rehearsal (tiny Phi-2 on CPU)"
+    assert result["finished"] >= result["started"]
+    # The whole output is kept beside the figures, and it ends with the summary.
+    log = (out / "gpu_check.log").read_text()
+    assert log == done.stdout and "goal: every step of the check passes: 12 of 12 passed (met)" in log
+    if (ROOT / ".git").exists():
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        assert (result["source"]["from"], result["source"]["commit"]) == ("git", head)
+
+
+def test_environment_reports_the_stack_and_a_working_nf4_round_trip(result):
+    env = figures(result, "environment")
+    for name in ("torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "accelerate", *CARRIED):
+        assert env["versions"][name] == importlib.metadata.version(name)
+    assert env["unmet_requirements"] == []
+    assert (env["cuda_available"], env["bnb_backend"], env["bnb_library"]) == (False, "CPU", "libbitsandbytes_cpu.so")
+    assert 0.05 < env["nf4_roundtrip_mean_abs_error"] < 0.1  # 4-bit nf4 of N(0, 1) values
+
+
+def test_the_model_is_phi2_architecture_at_tiny_size_with_the_tokenizers_vocabulary(result):
+    model = figures(result, "build_model")
+    config = {**PHI2, **TINY, "vocab_size": model["tokenizer_vocabulary"]}
+    with torch.device("meta"):
+        expected = sum(p.numel() for p in PhiForCausalLM(PhiConfig(**config)).parameters())
+    assert model["parameters"] == expected
+    assert (model["hidden_size"], model["layers"], model["vocab_size"]) == (160, 2, model["tokenizer_vocabulary"])
+    assert (model["dtype"], model["tokenizer"]) == ("bfloat16", "tiny_model.py's BPE")
+
+
+def test_bench_compares_both_batchings_and_the_extras_run_ours_alone(rehearsal, result):
+    bench = figures(result, "bench")
+    original, ours = bench["original"], bench["ours"]
+    assert ours["useful_token_share"] == 1.0 > original["useful_token_share"]
+    for variant in (original, ours):
+        assert (variant["micro_batch"], variant["max_length"], variant["timed_steps"]) == (4, 128, 2)
+        assert variant["mfu"] is None and variant["peak_reserved_gib"] is None  # no GPU: no MFU, no CUDA memory
+    ratio = ours["real_tokens_per_second"] / original["real_tokens_per_second"]
+    assert bench["tokens_per_second_ratio"] == pytest.approx(ratio, abs=0.006)
+    for step, micro_batch, checkpointing in (
+        ("bench_mb8", 8, True),
+        ("bench_mb16", 16, True),
+        ("bench_no_gc", 4, False),
+    ):
+        extra = figures(result, step)
+        assert "original" not in extra and extra["ours"]["micro_batch"] == micro_batch
+        written = json.loads((rehearsal[2] / f"{step}.json").read_text())["ours"]
+        assert (written["gradient_checkpointing"], written["packing"]) == (checkpointing, True)
+
+
+def test_training_is_killed_after_a_checkpoint_and_resumed_to_the_end_with_the_report(rehearsal, result):
+    train = figures(result, "train")
+    steps, save_steps, kill_at = REHEARSAL.train_steps, REHEARSAL.save_steps, REHEARSAL.kill_at
+    assert train["checkpoints_at_kill"] == list(range(save_steps, kill_at + 1, save_steps))  # [2, 4]
+    assert (train["killed_after_checkpoint"], train["resumed_from"], train["global_step"]) == (kill_at, kill_at, steps)
+    assert len(train["losses"]) == steps and all(map(math.isfinite, train["losses"]))
+    assert len(train["eval_losses"]) == steps // save_steps
+    assert train["report_prompts"] == 2 and train["heldout_examples"] > 0
+    for side in ("base", "tuned"):
+        assert (
+            math.isfinite(train["report"][side]["heldout_loss"]) and 0 <= train["report"][side]["clean_stop_rate"] <= 1
+        )
+    assert {"adapter_model.safetensors", "run_config.yaml", "eval.json", "loss.png", "README.md"} <= set(
+        train["files"]
+    )
+    assert {p.name for p in (rehearsal[2] / "train").iterdir()} == {
+        "eval.json",
+        "README.md",
+        "loss.png",
+        "train_results.json",
+        "trainer_state.json",
+    }
+    log = (rehearsal[2] / "logs" / "train.log").read_text()
+    commands = [line for line in log.splitlines() if line.startswith("$ ")]  # the killed run, then --resume
+    assert len(commands) == 2 and "(SIGKILL once" in commands[0] and commands[1].endswith(" --resume")
+    assert re.search(rf"Resuming from \S*checkpoint-{kill_at}\b", log)
+
+
+def test_fp16_and_bf16_runs_are_recorded_apart(result):
+    fp16, bf16 = figures(result, "train_fp16"), figures(result, "train_bf16")
+    for run, compute in ((fp16, "float16"), (bf16, "bfloat16")):
+        assert len(run["losses"]) == REHEARSAL.precision_steps and all(map(math.isfinite, run["losses"]))
+        assert run["run_config"]["bnb_4bit_compute_dtype"] == compute
+    assert fp16["run_config"]["fp16"] == "false"  # train.py trains in float32 on CPU whatever --fp16 says
+    assert "issue 19" in result["steps"]["train_fp16"]["note"]
+
+
+def test_inference_answers_one_shot_and_batch_and_merges(rehearsal, result):
+    inference = figures(result, "inference")
+    assert inference["reply"] == (rehearsal[2] / "inference" / "oneshot.txt").read_text()
+    batch = figures(result, "inference_batch")
+    answers = [json.loads(line) for line in (rehearsal[2] / "inference" / "answers.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in a.items() if k in ("prompt", "messages")} for a in answers] == PROMPTS
+    assert batch["replies"] == [a["reply"] for a in answers] and batch["answers"] == 3
+    merged = figures(result, "merge")
+    assert merged["parameters"] == figures(result, "build_model")["parameters"] and merged["dtype"] == "bfloat16"
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(merged["files"])
+    assert "adapter_config.json" not in merged["files"]
+
+
+def test_goals_are_read_off_the_bench_figures(result):
+    goals, ours = result["goals"], figures(result, "bench")["ours"]
+    assert goals["peak_allocated_gb"]["value"] == round(ours["peak_memory_gib"] * 2**30 / 1e9, 2)
+    assert goals["tokens_per_second_ratio"]["value"] == figures(result, "bench")["tokens_per_second_ratio"]
+    assert (goals["mfu"]["value"], goals["mfu"]["met"]) == (None, None)  # not measured on CPU
+    assert goals["every_step_passed"] == {
+        "goal": "every step of the check passes",
+        "value": "12 of 12 passed",
+        "met": True,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# make gpu-wheels
+
+
+def test_carried_wheels_are_the_tested_versions_and_cover_what_they_need():
+    requirements = {
+        (req := Requirement(line.split("#")[0])).name: req
+        for line in (ROOT / "requirements.txt").read_text().splitlines()
+        if line.split("#")[0].strip()
+    }
+    carried_by_requirements = {name for name in WHEELS if name in requirements}
+    assert carried_by_requirements == {"bitsandbytes", "transformers", "trl", "peft", "datasets"}
+    for name in carried_by_requirements:
+        assert requirements[name].specifier.contains(WHEELS[name][0]), name
+    # dill and multiprocess travel for datasets: the carried versions satisfy its pins (read from the installed
+    # datasets when it is the carried version).
+    if importlib.metadata.version("datasets") == WHEELS["datasets"][0]:
+        pins = [Requirement(text) for text in importlib.metadata.requires("datasets")]
+        assert {pin.name for pin in pins if not pin.marker} >= {"dill", "multiprocess"}
+        for pin in pins:
+            if pin.name in WHEELS and not pin.marker:
+                assert pin.specifier.contains(WHEELS[pin.name][0]), pin
+    assert sorted(CARRIED) == sorted(WHEELS)  # the check's environment step looks at the same list
+    assert requirements["torch"].specifier.contains("2.11.0+cu130")  # the GPU machine's torch
+
+
+def test_travelling_size_counts_the_tree_as_git_sees_it_and_the_carried_folder(tmp_path):
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / ".gitignore").write_text("cache/\n.whl/\n")  # 13 bytes
+    (tmp_path / "tracked.py").write_bytes(b"x" * 100)
+    (tmp_path / "untracked.txt").write_bytes(b"y" * 30)  # travels: untracked but not ignored
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "model.bin").write_bytes(b"z" * 5000)  # ignored: stays behind
+    (tmp_path / ".whl" / "tokenizer").mkdir(parents=True)
+    (tmp_path / ".whl" / "a.whl").write_bytes(b"w" * 700)
+    (tmp_path / ".whl" / "tokenizer" / "t.json.gz").write_bytes(b"t" * 11)
+    git("add", ".gitignore", "tracked.py")
+    assert travelling_bytes(tmp_path) == {"working tree": 13 + 100 + 30, ".whl": 711}
