@@ -287,10 +287,9 @@ CARRIED = ["bitsandbytes", "transformers", "trl", "peft", "datasets", "dill", "m
 def environment(check: Check, timeout: float) -> dict:
     figures = {}
     if shutil.which("nvidia-smi"):
-        check.run("environment", ["nvidia-smi"], timeout=30)
+        print(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout, flush=True)
         query = ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]
-        answer = subprocess.run(query, capture_output=True, text=True, timeout=30).stdout.strip()
-        figures["nvidia_smi"] = answer
+        figures["nvidia_smi"] = subprocess.run(query, capture_output=True, text=True, timeout=30).stdout.strip()
     probe = check.logs / "environment.json"
     check.python("environment", "-c", ENV_PROBE, ",".join(CARRIED), timeout=timeout, stdout=probe)
     figures.update(json.loads(probe.read_text()))
@@ -384,7 +383,7 @@ def train_args(check: Check, output_dir: Path, steps: int) -> list[str]:
     return [
         *("--model", str(check.model), "--dataset", SAMPLE, "--eval_fraction", "0.1"),
         *("--output_dir", str(output_dir), "--max_steps", str(steps), "--max_length", str(check.size.max_length)),
-        *("--logging_steps", "1", "--report_to", "none", "--seed", "42"),
+        *("--logging_steps", "1", "--seed", "42"),
     ]
 
 
@@ -466,7 +465,8 @@ def precision(dtype: str):
     def run(check: Check, timeout: float) -> dict:
         out = check.work / f"train_{dtype}"
         args = train_args(check, out, check.size.precision_steps)
-        args += ["--save_strategy", "no", "--eval_strategy", "no", "--final_report", "false", *flags]
+        args += ["--save_strategy", "no", "--eval_strategy", "no", "--final_report", "false", "--report_to", "none"]
+        args += flags
         check.python(f"train_{dtype}", "train.py", *args, timeout=timeout)
         state = json.loads((out / "trainer_state.json").read_text())
         history = [e for e in state["log_history"] if "loss" in e]
