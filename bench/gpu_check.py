@@ -168,7 +168,8 @@ class Check:
         """Run a command from the repo root, its output appended to the step's log (stdout to a file of its own when
         given); kill it and its children at the timeout."""
         with (self.logs / f"{step}.log").open("a") as log:
-            log.write(("\n" if log.tell() else "") + f"$ {' '.join(command)}\n")  # a killed run's output ends mid-line
+            shown = " ".join("'...'" if "\n" in arg else arg for arg in command)  # a -c program is in this file
+            log.write(("\n" if log.tell() else "") + f"$ {shown}\n")  # a killed run's output can end mid-line
             log.flush()
             with open(stdout, "w") if stdout else open(os.devnull) as out:
                 process = subprocess.Popen(
