@@ -6,8 +6,9 @@
 
 Every step runs the repo's own entry points in processes of their own, so a failing step leaves the others' figures:
 
-1. environment: versions (and whether they satisfy requirements.txt and the carried wheels' own requirements),
-   the GPU, nvidia-smi, bitsandbytes' native library and an nf4 round trip on the device;
+1. environment: versions, the GPU, nvidia-smi, bitsandbytes' native library and an nf4 round trip on the device;
+   it fails if the training stack is outside requirements.txt, and warns about any other package outside its range
+   there or outside a carried wheel's own requirements (the wheels are installed without their dependencies);
 2. build_model: bench/gpu_phi2.py writes a random Phi-2 at its exact size (bf16, 5.6 GB) with SmolLM2's tokenizer;
 3. bench: bench/gpu_phi2.py on it, the original recipe's batching against ours at 512 tokens x micro-batch 4 (real
    tokens/s, MFU, peak allocated and reserved memory), each variant in its own process;
@@ -51,6 +52,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from gpu_wheels import WHEELS
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = "data/oasst1/laion_en_100_tree.jsonl"
@@ -229,8 +232,11 @@ ENV_PROBE = r"""
 import importlib.metadata as md, json, platform, sys
 from packaging.requirements import Requirement
 
-STACK = ["torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "pyarrow", "pyyaml",
-         "tensorboard", "matplotlib"]
+from packaging.utils import canonicalize_name
+
+# Outside its requirements.txt range, a package of the training stack fails the step; any other mismatch is a warning.
+CORE = ["torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "huggingface-hub"]
+OTHER = ["tqdm", "pyyaml", "tensorboard", "matplotlib", "pyarrow"]  # the rest of what train.py and report.py use
 CARRIED = sys.argv[1].split(",")
 
 def version(name):
@@ -239,23 +245,23 @@ def version(name):
     except md.PackageNotFoundError:
         return None
 
-out = {"python": platform.python_version(), "versions": {n: version(n) for n in STACK + CARRIED}}
-unmet = []
+def unmet(req, found):
+    return found is None or not req.specifier.contains(found, prereleases=True)
+
+out = {"python": platform.python_version(), "versions": {n: version(n) for n in dict.fromkeys(CORE + OTHER + CARRIED)}}
+out["unmet_requirements"], out["warnings"] = [], []
 for line in open("requirements.txt"):
     line = line.split("#")[0].strip()
-    if line and Requirement(line).name in STACK:
+    if line and canonicalize_name(Requirement(line).name) in CORE + OTHER:
         req = Requirement(line)
-        if version(req.name) is None or not req.specifier.contains(version(req.name), prereleases=True):
-            unmet.append(f"requirements.txt: {req} (found {version(req.name)})")
-for name in CARRIED:  # installed with --no-deps: check what they need against what is there
+        if unmet(req, version(req.name)):
+            kind = "unmet_requirements" if canonicalize_name(req.name) in CORE else "warnings"
+            out[kind].append(f"requirements.txt: {req} (found {version(req.name)})")
+for name in CARRIED:  # installed with --no-deps: what they need, against what is there
     for text in md.requires(name) or [] if version(name) else []:
         req = Requirement(text)
-        if req.marker and not req.marker.evaluate({"extra": ""}):
-            continue
-        found = version(req.name)
-        if found is None or not req.specifier.contains(found, prereleases=True):
-            unmet.append(f"{name} needs {req} (found {found})")
-out["unmet_requirements"] = unmet
+        if (not req.marker or req.marker.evaluate({"extra": ""})) and unmet(req, version(req.name)):
+            out["warnings"].append(f"{name} needs {req} (found {version(req.name)})")
 
 import torch
 import transformers, trl, peft, datasets, accelerate, bitsandbytes
@@ -282,7 +288,6 @@ packed, state = F.quantize_4bit(x, quant_type="nf4", blocksize=64)
 out["nf4_roundtrip_mean_abs_error"] = round((F.dequantize_4bit(packed, state) - x).abs().float().mean().item(), 4)
 print(json.dumps(out))
 """
-CARRIED = ["bitsandbytes", "transformers", "trl", "peft", "datasets", "dill", "multiprocess"]  # gpu_wheels.WHEELS
 
 
 def environment(check: Check, timeout: float) -> dict:
@@ -292,7 +297,7 @@ def environment(check: Check, timeout: float) -> dict:
         query = ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]
         figures["nvidia_smi"] = subprocess.run(query, capture_output=True, text=True, timeout=30).stdout.strip()
     probe = check.logs / "environment.json"
-    check.python("environment", "-c", ENV_PROBE, ",".join(CARRIED), timeout=timeout, stdout=probe)
+    check.python("environment", "-c", ENV_PROBE, ",".join(WHEELS), timeout=timeout, stdout=probe)
     figures.update(json.loads(probe.read_text()))
     probe.unlink()
     versions = figures["versions"]
@@ -304,6 +309,8 @@ def environment(check: Check, timeout: float) -> dict:
         + (f"; GPU {figures.get('nvidia_smi')}" if figures.get("nvidia_smi") else ""),
         flush=True,
     )
+    for warning in figures["warnings"]:
+        print(f"warning: {warning}", flush=True)
     problems = list(figures["unmet_requirements"])
     if not check.args.rehearsal:
         if not figures["cuda_available"]:
@@ -548,7 +555,7 @@ STEPS = [
         Step("bench_mb16", bench("bench_mb16", "--variants", "ours", "--micro_batch", "16"), 50, 180, optional=True),
         Step(
             "bench_no_gc",
-            bench("bench_no_gc", "--variants", "ours", "--gradient_checkpointing", "false"),
+            bench("bench_no_gc", "--variants", "ours", "--activation_checkpointing", "false"),
             40,
             180,
             optional=True,

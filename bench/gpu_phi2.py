@@ -4,7 +4,7 @@
     python bench/gpu_phi2.py --tiny           # the same code at a tiny size on CPU (a smoke test, ~1 minute)
     python bench/gpu_phi2.py --steps 30 --attn_implementation flash_attention_2
     python bench/gpu_phi2.py --keep_model /tmp/phi2 --build_only            # only write the random Phi-2
-    python bench/gpu_phi2.py --model /tmp/phi2 --variants ours --micro_batch 8 --gradient_checkpointing false
+    python bench/gpu_phi2.py --model /tmp/phi2 --variants ours --micro_batch 8 --activation_checkpointing false
 
 The model is a PhiForCausalLM with Phi-2's exact configuration (microsoft/phi-2's config.json: hidden 2560,
 32 layers, 32 heads of 80, MLP 10240, vocabulary 51,200, partial rotary factor 0.4, gelu_new, layer-norm eps 1e-5,
@@ -159,7 +159,7 @@ def run_variant(args) -> dict:
         disable_tqdm=True,
     )
     packing = args.variant == "ours"
-    training_args = TrainingConfig(**common, packing=packing, gradient_checkpointing=args.gradient_checkpointing)
+    training_args = TrainingConfig(**common, packing=packing, activation_checkpointing=args.activation_checkpointing)
     lora = build_lora_config(LoraArguments(), "phi")
     trainer = build_trainer(model, tokenizer, training_args, Dataset.from_list(records), peft_config=lora)
     counter = TokenCounter(trainer)
@@ -198,21 +198,24 @@ def run_variant(args) -> dict:
         "packing": bool(trainer.args.packing),
         "micro_batch": args.micro_batch,
         "max_length": args.max_length,
-        "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
+        "activation_checkpointing": bool(trainer.args.activation_checkpointing),
     }
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="Phi-2's architecture at a tiny size (CPU smoke test).")
-    parser.add_argument("--steps", type=int, default=20, help="Timed optimizer steps (one micro-batch of 4 each).")
+    parser.add_argument("--steps", type=int, default=20, help="Timed optimizer steps (one micro-batch each).")
     parser.add_argument("--warmup", type=int, default=3, help="Untimed steps first (kernel selection, allocator).")
     parser.add_argument("--attn_implementation", default="sdpa", help="sdpa, eager or flash_attention_2.")
     parser.add_argument("--peak_tflops", type=float, help="The GPU's dense bf16 peak, if not in the table.")
     parser.add_argument("--micro_batch", type=int, default=4, help="Rows per micro-batch (one per optimizer step).")
     parser.add_argument("--max_length", type=int, default=512, help="Tokens per row.")
     parser.add_argument(
-        "--gradient_checkpointing", type=lambda v: v.lower() in ("true", "1", "yes"), default=True, help="true/false."
+        "--activation_checkpointing",
+        type=lambda v: v.lower() in ("true", "1", "yes"),
+        default=True,
+        help="true or false: recompute activations in the backward pass (the repo's default).",
     )
     parser.add_argument("--variants", default="original,ours", help="Which variants to run, comma-separated.")
     parser.add_argument("--model", help="Reuse a model folder written by an earlier run (--keep_model).")
@@ -268,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
     some = ours or original
     print(
         f"\n{summary['model']}, 4-bit nf4 QLoRA, micro-batch {args.micro_batch} x {args.max_length}, gradient "
-        f"checkpointing {'on' if args.gradient_checkpointing else 'off'}, on {some['device']}"
+        f"checkpointing {'on' if args.activation_checkpointing else 'off'}, on {some['device']}"
     )
     print_table(
         original,

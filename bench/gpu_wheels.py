@@ -40,7 +40,14 @@ WHEELS = {
     "datasets": ("5.2.0", "not in the image (trl needs it)"),
     "dill": ("0.4.1", "not in the image (datasets needs <0.4.2)"),
     "multiprocess": ("0.70.19", "not in the image (datasets needs <0.70.20)"),
+    "huggingface-hub": ("2.4.0", "the image has 1.33.0; requirements.txt needs >=2.4,<3"),
+    "httpx2": ("2.16.2", "not in the image (huggingface_hub 2 needs it)"),
+    "httpcore2": ("2.16.2", "not in the image (httpx2 needs it)"),
+    "truststore": ("0.10.5", "not in the image (httpx2 needs it)"),
 }
+# Not carried, though requirements.txt may ask for more than the image has (its versions are not recorded): tqdm,
+# pyyaml, tensorboard, matplotlib, and what the carried wheels need (click, hf-xet, fsspec, pyarrow, ...). The check's
+# environment step lists every one outside its range, as a warning.
 # The device README's command. manylinux_2_24 is added: bitsandbytes' wheels carry that tag only (pip matches the
 # glibc version exactly).
 PLATFORMS = ["manylinux_2_28", "manylinux_2_27", "manylinux_2_24", "manylinux_2_17", "manylinux2014", "manylinux1"]
