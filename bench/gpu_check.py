@@ -263,29 +263,37 @@ for name in CARRIED:  # installed with --no-deps: what they need, against what i
         if (not req.marker or req.marker.evaluate({"extra": ""})) and unmet(req, version(req.name)):
             out["warnings"].append(f"{name} needs {req} (found {version(req.name)})")
 
-import torch
-import transformers, trl, peft, datasets, accelerate, bitsandbytes
-import bitsandbytes.functional as F
-from bitsandbytes import cextension
+def probe():  # the imports and the GPU: what fails here is recorded, the versions above are kept
+    import torch
+    import transformers, trl, peft, datasets, accelerate, bitsandbytes, huggingface_hub
+    import bitsandbytes.functional as F
+    from bitsandbytes import cextension
 
-out["module_paths"] = {m.__name__: m.__file__ for m in (torch, transformers, trl, peft, datasets, bitsandbytes)}
-out["torch_cuda"] = torch.version.cuda
-out["cuda_available"] = torch.cuda.is_available()
-if torch.cuda.is_available():
-    p = torch.cuda.get_device_properties(0)
-    out["device"] = torch.cuda.get_device_name()
-    out["device_memory_gib"] = round(p.total_memory / 2**30, 1)
-    out["compute_capability"] = f"{p.major}.{p.minor}"
-    out["bf16_supported"] = torch.cuda.is_bf16_supported()
-out["bnb_backend"] = cextension.BNB_BACKEND
-library = getattr(cextension.lib, "__dict__", {}).get("_lib")
-out["bnb_library"] = library._name.rsplit("/", 1)[-1] if library is not None else None
-out["bnb_cuda_library"] = bool(getattr(cextension.lib, "compiled_with_cuda", False))
-device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
-torch.manual_seed(0)
-x = torch.randn(512, 512, device=device, dtype=dtype)
-packed, state = F.quantize_4bit(x, quant_type="nf4", blocksize=64)
-out["nf4_roundtrip_mean_abs_error"] = round((F.dequantize_4bit(packed, state) - x).abs().float().mean().item(), 4)
+    modules = (torch, transformers, trl, peft, datasets, bitsandbytes, huggingface_hub)
+    out["module_paths"] = {m.__name__: m.__file__ for m in modules}  # /tmp/site/... for the carried ones
+    out["torch_cuda"] = torch.version.cuda
+    out["cuda_available"] = torch.cuda.is_available()
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        out["device"] = torch.cuda.get_device_name()
+        out["device_memory_gib"] = round(p.total_memory / 2**30, 1)
+        out["compute_capability"] = f"{p.major}.{p.minor}"
+        out["bf16_supported"] = torch.cuda.is_bf16_supported()
+    out["bnb_backend"] = cextension.BNB_BACKEND
+    library = getattr(cextension.lib, "__dict__", {}).get("_lib")
+    out["bnb_library"] = library._name.rsplit("/", 1)[-1] if library is not None else None
+    out["bnb_cuda_library"] = bool(getattr(cextension.lib, "compiled_with_cuda", False))
+    device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+    torch.manual_seed(0)
+    x = torch.randn(512, 512, device=device, dtype=dtype)
+    packed, state = F.quantize_4bit(x, quant_type="nf4", blocksize=64)
+    error = (F.dequantize_4bit(packed, state) - x).abs().float().mean().item()
+    out["nf4_roundtrip_mean_abs_error"] = round(error, 4)
+
+try:
+    probe()
+except Exception as e:
+    out["import_error"] = f"{type(e).__name__}: {e}"
 print(json.dumps(out))
 """
 
@@ -305,13 +313,15 @@ def environment(check: Check, timeout: float) -> dict:
         "versions: python "
         + figures["python"]
         + "".join(f", {name} {v}" for name, v in versions.items() if v)
-        + f"; torch CUDA {figures['torch_cuda']}; bitsandbytes library {figures['bnb_library']}"
+        + f"; torch CUDA {figures.get('torch_cuda')}; bitsandbytes library {figures.get('bnb_library')}"
         + (f"; GPU {figures.get('nvidia_smi')}" if figures.get("nvidia_smi") else ""),
         flush=True,
     )
     for warning in figures["warnings"]:
         print(f"warning: {warning}", flush=True)
     problems = list(figures["unmet_requirements"])
+    if "import_error" in figures:
+        raise StepError("; ".join([*problems, figures["import_error"]]), figures)
     if not check.args.rehearsal:
         if not figures["cuda_available"]:
             problems.append("torch sees no CUDA GPU")
@@ -650,6 +660,8 @@ def summary(check: Check) -> None:
         if isinstance(goal, dict):
             verdict = {True: "met", False: "NOT met", None: "not measured"}[goal["met"]]
             print(f"  goal: {goal['goal']}: {goal['value']} ({verdict})")
+    if "note" in check.result["goals"]:
+        print(f"  ({check.result['goals']['note']})")
     print(f"figures: {check.out / 'gpu_check.json'}; logs and files: {check.out / ARCHIVE}")
 
 
@@ -666,7 +678,7 @@ def brief(name: str, record: dict) -> str:
             if v in f
         ) + (f"; ratio {f['tokens_per_second_ratio']}x" if "tokens_per_second_ratio" in f else "")
     if name == "environment":
-        return f"{f.get('device', 'no GPU')}, torch {f['versions']['torch']}, bnb {f['bnb_library']}"
+        return f"{f.get('device', 'no GPU')}, torch {f['versions']['torch']}, bnb {f.get('bnb_library')}"
     if name == "build_model":
         return f"{f['parameters']:,} parameters, {f['size_gb']} GB, tokenizer {f['tokenizer']}"
     if name == "train":
