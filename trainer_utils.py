@@ -99,6 +99,8 @@ class TrainingConfig(SFTConfig):
     )
 
     def __post_init__(self):
+        if self.gradient_checkpointing is not None:  # the old name given: transformers maps it (with a warning)
+            self.activation_checkpointing = None
         self.bf16, self.fp16, self.optim = training_precision(self.bf16, self.fp16, self.optim)
         if not torch.cuda.is_available():
             # The model is on the CPU (model_utils.device_map), so the Trainer must be too; under torchrun this is

@@ -32,6 +32,22 @@ def training_records(path: str | Path, policy: str, limit: int = 0, tokenizer=No
     return to_training_records(conversations)
 
 
+def add_variant_arguments(parser) -> None:
+    """The hidden flags by which a benchmark script runs one variant in a child process (run_variant_process)."""
+    import argparse
+
+    parser.add_argument("--variant", choices=["original", "ours"], help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+
+
+def run_child_variant(args, run_variant) -> bool:
+    """In a child process started by run_variant_process: run the one variant and write its figures; else False."""
+    if not args.variant:
+        return False
+    Path(args.result).write_text(json.dumps(run_variant(args)))
+    return True
+
+
 def run_variant_process(script: str, argv: list[str] | None, model: str, variant: str, tmp: str | Path) -> dict:
     """Run one variant of a benchmark script in a process of its own (so its peak memory is its own); its figures."""
     out = Path(tmp) / f"{variant}.json"
@@ -71,6 +87,13 @@ def peak_memory_mib() -> tuple[float, str]:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20, "CUDA max allocated"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
+
+
+# The rows both comparisons print first: (label, key in the figures, format).
+SPEED_ROWS = [
+    ("useful-token share", "useful_token_share", "{:.3f}"),
+    ("real tokens / s", "real_tokens_per_second", "{:.1f}"),
+]
 
 
 def print_table(original: dict, ours: dict, rows: list[tuple[str, str, str]]) -> None:

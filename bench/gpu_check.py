@@ -53,13 +53,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench_utils import SAMPLE, SMOLLM2
 from gpu_wheels import WHEELS
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = "data/oasst1/laion_en_100_tree.jsonl"
 ARCHIVE = "gpu_check_files.tar.gz"
 CARRIED_TOKENIZER = ROOT / ".whl" / "tokenizer"  # make gpu-wheels puts SmolLM2's tokenizer here
-SMOLLM2 = ROOT / "cache" / "smollm2" / "SmolLM2-135M-Instruct"
 PHI2_PARAMETERS = 2_779_683_840
 QLORA_QUESTION = {"role": "user", "content": "What is QLoRA?"}
 PROMPTS = [
@@ -91,30 +90,24 @@ class Size:
     new_tokens: int
 
 
-GPU = Size(
-    model=[],
-    bench=["--steps", "20", "--warmup", "3"],
-    extra_bench=["--steps", "10", "--warmup", "2"],
-    max_length=512,
-    train_steps=30,
-    save_steps=10,
-    kill_at=20,
-    report=["--report_prompts", "2", "--report_max_new_tokens", "32"],
-    precision_steps=6,
-    new_tokens=32,
-)
-REHEARSAL = Size(
-    model=["--tiny", "--vocabulary_of_tokenizer"],
-    bench=["--steps", "2", "--warmup", "1", "--max_length", "128"],
-    extra_bench=["--steps", "1", "--warmup", "1", "--max_length", "128"],
-    max_length=128,
-    train_steps=6,
-    save_steps=2,
-    kill_at=4,
-    report=["--report_prompts", "2", "--report_max_new_tokens", "4"],
-    precision_steps=2,
-    new_tokens=8,
-)
+# The two sizes side by side: the real check on the GPU, and its rehearsal at tiny size on CPU.
+SIZES = {
+    "model": ([], ["--tiny", "--vocabulary_of_tokenizer"]),
+    "bench": (["--steps", "20", "--warmup", "3"], ["--steps", "2", "--warmup", "1", "--max_length", "128"]),
+    "extra_bench": (["--steps", "10", "--warmup", "2"], ["--steps", "1", "--warmup", "1", "--max_length", "128"]),
+    "max_length": (512, 128),
+    "train_steps": (30, 6),
+    "save_steps": (10, 2),
+    "kill_at": (20, 4),
+    "report": (
+        ["--report_prompts", "2", "--report_max_new_tokens", "32"],
+        ["--report_prompts", "2", "--report_max_new_tokens", "4"],
+    ),
+    "precision_steps": (6, 2),
+    "new_tokens": (32, 8),
+}
+GPU = Size(**{name: sizes[0] for name, sizes in SIZES.items()})
+REHEARSAL = Size(**{name: sizes[1] for name, sizes in SIZES.items()})
 
 
 class StepError(Exception):
@@ -399,7 +392,7 @@ def bench(name: str, *flags: str):
 def train_args(check: Check, output_dir: Path, steps: int) -> list[str]:
     """train.py with its defaults (the Phi-2 recipe) on the random Phi-2 and the bundled sample."""
     return [
-        *("--model", str(check.model), "--dataset", SAMPLE, "--eval_fraction", "0.1"),
+        *("--model", str(check.model), "--dataset", str(SAMPLE), "--eval_fraction", "0.1"),
         *("--output_dir", str(output_dir), "--max_steps", str(steps), "--max_length", str(check.size.max_length)),
         *("--logging_steps", "1", "--seed", "42"),
     ]

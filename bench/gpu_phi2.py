@@ -29,21 +29,11 @@ recomputation of gradient checkpointing, 4-bit dequantization. Peak dense bf16 t
 """
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
-from bench_utils import (
-    SAMPLE,
-    SMOLLM2,
-    TokenCounter,
-    peak_memory_mib,
-    print_table,
-    run_variant_process,
-    training_records,
-    write_json,
-)
+import bench_utils as bench
 
 # Dense bf16 tensor-core peak, TFLOPS (no sparsity), by a substring of torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = {
@@ -105,7 +95,7 @@ def build_model(out: Path, tiny: bool, tokenizer_from: str = "auto", vocabulary_
     from tiny_model import build_tokenizer
 
     if tokenizer_from == "auto":
-        tokenizer_from = str(SMOLLM2) if SMOLLM2.is_dir() else "tiny"
+        tokenizer_from = str(bench.SMOLLM2) if bench.SMOLLM2.is_dir() else "tiny"
     tokenizer = build_tokenizer() if tokenizer_from == "tiny" else AutoTokenizer.from_pretrained(tokenizer_from)
     vocabulary = {}
     if vocabulary_of_tokenizer:
@@ -144,7 +134,7 @@ def run_variant(args) -> dict:
         QuantizationArguments(),  # 4-bit nf4, double quantization, bf16 compute where the GPU has it
     )
     # The Trainer goes round the records again if it needs more.
-    records = training_records(SAMPLE, "best", tokenizer=tokenizer, max_length=args.max_length)
+    records = bench.training_records(bench.SAMPLE, "best", tokenizer=tokenizer, max_length=args.max_length)
     common = dict(
         output_dir=tempfile.mkdtemp(),
         report_to="none",
@@ -162,7 +152,7 @@ def run_variant(args) -> dict:
     training_args = TrainingConfig(**common, packing=packing, activation_checkpointing=args.activation_checkpointing)
     lora = build_lora_config(LoraArguments(), "phi")
     trainer = build_trainer(model, tokenizer, training_args, Dataset.from_list(records), peft_config=lora)
-    counter = TokenCounter(trainer)
+    counter = bench.TokenCounter(trainer)
     marks = []  # (time, real tokens trained so far) at the end of every step
 
     class Clock(TrainerCallback):
@@ -180,7 +170,7 @@ def run_variant(args) -> dict:
     n = matmul_params(model.config)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     peak_tflops = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device), None)
-    peak, peak_kind = peak_memory_mib()
+    peak, peak_kind = bench.peak_memory_mib()
     return {
         "variant": args.variant,
         "device": device,
@@ -233,8 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
         "cache/ when present, else tiny).",
     )
     parser.add_argument("--json", default="bench/results/gpu_phi2.json", help="Where to write the figures.")
-    parser.add_argument("--variant", choices=["original", "ours"], help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
+    bench.add_variant_arguments(parser)
     args = parser.parse_args(argv)
     if args.warmup < 1:
         parser.error("--warmup must be at least 1 (the clock starts at the end of a step)")
@@ -247,8 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(build_model(Path(args.keep_model), args.tiny, args.tokenizer, args.vocabulary_of_tokenizer))
         return {}
 
-    if args.variant:  # a child process: one variant
-        Path(args.result).write_text(json.dumps(run_variant(args)))
+    if bench.run_child_variant(args, run_variant):
         return {}
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -256,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
         if model_dir is None:
             folder = Path(args.keep_model or Path(tmp) / "phi2-random")
             model_dir = str(build_model(folder, args.tiny, args.tokenizer, args.vocabulary_of_tokenizer))
-        results = {variant: run_variant_process(__file__, argv, model_dir, variant, tmp) for variant in variants}
+        results = {variant: bench.run_variant_process(__file__, argv, model_dir, variant, tmp) for variant in variants}
 
     original, ours = results.get("original", {}), results.get("ours", {})
     summary = {
@@ -273,13 +261,12 @@ def main(argv: list[str] | None = None) -> dict:
         f"\n{summary['model']}, 4-bit nf4 QLoRA, micro-batch {args.micro_batch} x {args.max_length}, gradient "
         f"checkpointing {'on' if args.activation_checkpointing else 'off'}, on {some['device']}"
     )
-    print_table(
+    bench.print_table(
         original,
         ours,
         [
-            ("useful-token share", "useful_token_share", "{:.3f}"),
+            *bench.SPEED_ROWS,
             ("timed steps", "timed_steps", "{:d}"),
-            ("real tokens / s", "real_tokens_per_second", "{:.1f}"),
             ("MFU (4N FLOPs per token)", "mfu", "{:.3f}"),
             (f"peak memory GiB ({some['peak_memory_kind']})", "peak_memory_gib", "{:.2f}"),
             ("peak CUDA memory reserved GiB", "peak_reserved_gib", "{:.2f}"),
@@ -287,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if "tokens_per_second_ratio" in summary:
         print(f"real tokens/s ratio (ours / original): {summary['tokens_per_second_ratio']}x")
-    write_json(args.json, summary)
+    bench.write_json(args.json, summary)
     return summary
 
 

@@ -22,7 +22,6 @@ byte-level BPE.
 """
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -30,17 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_utils import (
-    SAMPLE,
-    SMOLLM2,
-    TokenCounter,
-    peak_memory_mib,
-    print_table,
-    run_variant_process,
-    trained_examples,
-    training_records,
-    write_json,
-)
+import bench_utils as bench
 
 
 def build_default_model(out: Path, hidden_size: int, layers: int, tokenizer_from: str | None) -> Path:
@@ -82,7 +71,7 @@ def run_variant(args) -> dict:
     from trainer_utils import TrainingConfig, build_trainer
 
     tokenizer = load_tokenizer(args.model)
-    records = training_records(args.data, args.data_policy, args.examples, tokenizer, args.max_length)
+    records = bench.training_records(args.data, args.data_policy, args.examples, tokenizer, args.max_length)
     model = load_model(
         ModelArguments(model_name_or_path=args.model, attn_implementation=args.attn_implementation),
         QuantizationArguments(load_in_4bit=args.load_in_4bit),
@@ -109,18 +98,18 @@ def run_variant(args) -> dict:
     lora = build_lora_config(LoraArguments(lora_r=16, lora_alpha=32, lora_dropout=0.05), model.config.model_type)
     trainer = build_trainer(model, tokenizer, training_args, Dataset.from_list(records), peft_config=lora)
 
-    counter = TokenCounter(trainer)
+    counter = bench.TokenCounter(trainer)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - start
-    peak, peak_kind = peak_memory_mib()
+    peak, peak_kind = bench.peak_memory_mib()
     return {
         "variant": args.variant,
         "examples": len(records),
-        "trained_examples": trained_examples(trainer.train_dataset),
+        "trained_examples": bench.trained_examples(trainer.train_dataset),
         "micro_batches": counter.micro_batches,
         "optimizer_steps": result.global_step,
         "real_tokens": counter.real,
@@ -147,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="Tokenizer for the default tiny model: a folder, 'tiny' (the byte-level BPE of tiny_model.py), or auto "
         "(SmolLM2's from cache/ when present, else tiny).",
     )
-    parser.add_argument("--data", default=str(SAMPLE), help="oasst1 data (any --dataset format of train.py).")
+    parser.add_argument("--data", default=str(bench.SAMPLE), help="oasst1 data (any --dataset format of train.py).")
     parser.add_argument(
         "--data_policy",
         choices=["best", "replies", "pairs"],
@@ -165,19 +154,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--bf16", type=lambda s: s.lower() == "true", default=None, help="Default: as train.py.")
     parser.add_argument("--attn_implementation", default="sdpa")
     parser.add_argument("--json", default="bench/results/train_throughput.json", help="Where to write the figures.")
-    parser.add_argument("--variant", choices=["original", "ours"], help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
+    bench.add_variant_arguments(parser)
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
 
-    if args.variant:  # a child process: one variant
-        Path(args.result).write_text(json.dumps(run_variant(args)))
+    if bench.run_child_variant(args, run_variant):
         return {}
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is None:
-            tokenizer_from = {"auto": str(SMOLLM2) if SMOLLM2.is_dir() else None, "tiny": None}.get(
+            tokenizer_from = {"auto": str(bench.SMOLLM2) if bench.SMOLLM2.is_dir() else None, "tiny": None}.get(
                 args.tokenizer, args.tokenizer
             )
             args.model = str(build_default_model(Path(tmp) / "model", args.hidden_size, args.layers, tokenizer_from))
@@ -190,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
         runs = {"original": [], "ours": []}
         for _ in range(args.repeats):
             for variant in runs:
-                runs[variant].append(run_variant_process(__file__, argv, args.model, variant, tmp))
+                runs[variant].append(bench.run_variant_process(__file__, argv, args.model, variant, tmp))
         results = {}
         for variant, variant_runs in runs.items():
             results[variant] = min(variant_runs, key=lambda r: r["train_seconds"])
@@ -209,24 +196,23 @@ def main(argv: list[str] | None = None) -> dict:
         "tokens_per_second_ratio": round(ours["real_tokens_per_second"] / original["real_tokens_per_second"], 2),
     }
     rows = [
-        ("useful-token share", "useful_token_share", "{:.3f}"),
+        *bench.SPEED_ROWS,
         ("examples trained", "trained_examples", "{:d}"),
         ("real tokens", "real_tokens", "{:d}"),
         ("tokens processed", "processed_tokens", "{:d}"),
         ("micro-batches", "micro_batches", "{:d}"),
         ("train seconds", "train_seconds", "{:.1f}"),
-        ("real tokens / s", "real_tokens_per_second", "{:.1f}"),
         (f"peak memory MiB ({original['peak_memory_kind']})", "peak_memory_mib", "{:.0f}"),
         ("train loss", "train_loss", "{:.4f}"),
     ]
     print(f"\n{summary['model']} on {summary['device']}; data: {summary['data']}")
-    print_table(original, ours, rows)
+    bench.print_table(original, ours, rows)
     for variant in ("original", "ours"):
         print(f"train seconds, every run of {variant}: {results[variant]['train_seconds_every_run']}")
     print(f"real tokens/s ratio (ours / original), fastest runs: {summary['tokens_per_second_ratio']}x")
     if not ours["packing"]:
         print("note: packing fell back to length grouping for this model (see the warning above)")
-    write_json(args.json, summary)
+    bench.write_json(args.json, summary)
     return summary
 
 

@@ -100,3 +100,12 @@ def test_quantization_and_lora_builders():
     assert lora_target_modules("q_proj, v_proj", "llama") == ["q_proj", "v_proj"]
     lora = build_lora_config(LoraArguments(), "phi")
     assert (lora.r, lora.lora_alpha, lora.lora_dropout, lora.task_type) == (64, 16, 0.1, "CAUSAL_LM")
+
+
+def test_activation_checkpointing_is_on_by_default_and_the_old_name_still_turns_it_off():
+    *_, default = parse_train_args([])
+    *_, new_name = parse_train_args(["--activation_checkpointing", "false"])
+    *_, old_name = parse_train_args(["--gradient_checkpointing", "false"])
+    assert default.activation_checkpointing and default.gradient_checkpointing
+    assert not new_name.activation_checkpointing and not new_name.gradient_checkpointing
+    assert not old_name.activation_checkpointing and not old_name.gradient_checkpointing
