@@ -24,6 +24,10 @@ class ConfigError(UserError):
     """A setting that cannot work; the message names the flag and the fix."""
 
 
+class DataError(UserError):
+    """A problem with the user's data; the message says what and where."""
+
+
 @dataclass
 class ModelArguments:
     model_name_or_path: str = field(
