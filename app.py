@@ -17,13 +17,14 @@ with a message that says so; when a conversation outgrows the model's context, i
 
 import contextlib
 import logging
+import math
 import os
 import sys
 import threading
 from dataclasses import dataclass, field
 
 from cli_utils import argument_parser, fail, quiet_known_noise
-from config import ChatModelArguments, GenerationArguments, QuantizationArguments, UserError
+from config import ChatModelArguments, GenerationArguments, QuantizationArguments, UserError, require
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,14 @@ class AppArguments:
     stream_timeout: float = field(
         default=120.0, metadata={"help": "Seconds to wait for the next token before a generation counts as failed."}
     )
+
+    def __post_init__(self):
+        require(1 <= self.port <= 65535, f"--port must be in 1..65535, got {self.port}.")
+        for name in ("concurrency", "queue_size", "max_input_chars"):
+            require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1.")
+        require(
+            0 < self.stream_timeout < math.inf, f"--stream-timeout must be above 0 seconds, got {self.stream_timeout}."
+        )
 
 
 @dataclass
@@ -228,9 +237,6 @@ def main(args: list[str] | None = None):
     except ValueError as e:
         fail(str(e))
     auth = parse_auth(app_args.auth)
-    for name in ("concurrency", "queue_size", "max_input_chars"):
-        if getattr(app_args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be at least 1.")
     if app_args.host not in ("127.0.0.1", "localhost", "::1") and auth is None:
         logger.warning("Listening on %s without --auth: anyone who can reach this port can chat.", app_args.host)
 

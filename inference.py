@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 from cli_utils import argument_parser, fail, quiet_known_noise
-from config import ChatModelArguments, GenerationArguments, QuantizationArguments, UserError
+from config import ChatModelArguments, GenerationArguments, QuantizationArguments, UserError, require
 
 EXIT_COMMANDS = ("/exit", "/quit")
 
@@ -49,6 +49,13 @@ class InferenceArguments:
     max_input_tokens: int | None = field(
         default=None, metadata={"help": "Longest prompt in tokens; default: the context minus --max-new-tokens."}
     )
+
+    def __post_init__(self):
+        require(self.batch_size >= 1, "--batch-size must be at least 1.")
+        require(
+            self.max_input_tokens is None or self.max_input_tokens >= 1,
+            f"--max-input-tokens must be at least 1, got {self.max_input_tokens}.",
+        )
 
 
 def parse_args(args: list[str] | None):
@@ -83,8 +90,6 @@ def parse_args(args: list[str] | None):
         fail("--output goes with --input FILE (batch mode).")
     if inference_args.merge_to and model_args.no_adapter:
         fail("--merge-to merges an adapter: drop --no-adapter.")
-    if inference_args.batch_size < 1:
-        fail("--batch-size must be at least 1.")
     return model_args, inference_args, gen_args, quant_args, prompt
 
 
