@@ -181,22 +181,24 @@ def notice(text: str) -> None:
 
 
 def read_prompts(path: Path) -> list[dict]:
-    """The batch input: one JSON object per line with "prompt" or "messages"; blank lines are skipped."""
+    """The batch input: one JSON object per line with "prompt" or "messages"; blank lines are skipped. A UTF-8
+    byte-order mark and Windows line endings are fine."""
     if not path.is_file():
         fail(f"{path} not found.")
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError:
+        fail(f"{path} is not UTF-8 text; convert it (e.g. iconv -t utf-8) and try again.")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as e:
-            fail(f"{path} line {number} is not JSON: {e.msg}.")
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, or nesting or a number beyond Python's limits
+            fail(f"{path} line {number} is not JSON: {getattr(e, 'msg', None) or type(e).__name__}.")
         if not isinstance(row, dict) or not (
-            isinstance(row.get("prompt"), str)
-            or (
-                isinstance(row.get("messages"), list) and row["messages"] and row["messages"][-1].get("role") == "user"
-            )
+            isinstance(row.get("prompt"), str) or is_conversation(row.get("messages"))
         ):
             fail(
                 f'{path} line {number}: expected {{"prompt": "..."}} or {{"messages": [...]}} ending with a user turn.'
@@ -205,6 +207,20 @@ def read_prompts(path: Path) -> list[dict]:
     if not rows:
         fail(f"{path} holds no prompts.")
     return rows
+
+
+def is_conversation(messages) -> bool:
+    """Messages the template can render as a prompt: text turns alternating from the user, ending with the user."""
+    return (
+        isinstance(messages, list)
+        and len(messages) % 2 == 1
+        and all(
+            isinstance(m, dict)
+            and m.get("role") == ("user" if i % 2 == 0 else "assistant")
+            and isinstance(m.get("content"), str)
+            for i, m in enumerate(messages)
+        )
+    )
 
 
 def answer_file(model, tokenizer, gen_args, rows: list[dict], output: Path, max_input: int, batch_size: int):

@@ -200,6 +200,10 @@ def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset=N
     class QLoRATrainer(RestoreTrainableDtypesOnResume, SFTTrainer):
         """SFTTrainer that resumes in the LoRA weights' own dtype (workarounds.py)."""
 
+    if peft_config is not None:
+        from adapter_utils import check_lora_targets
+
+        check_lora_targets(peft_config, model)  # before the trainer, which would skip a misspelt name silently
     quantized = getattr(model, "is_loaded_in_4bit", False)
     if quantized:
         keep_4bit_weights_trainable_on_cpu(model)  # before the packing check below runs the model without gradients
