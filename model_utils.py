@@ -28,12 +28,11 @@ def load_tokenizer(
 ) -> PreTrainedTokenizerBase:
     """The base model's tokenizer with our conversation template installed as its chat_template."""
     check_model_source(name_or_path, "tokenizer_config.json")
+    # Outside the try below: the ModelError it may raise is already the one line to show.
+    local_files_only = hub_unreachable(name_or_path, revision)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            name_or_path,
-            revision=revision,
-            trust_remote_code=trust_remote_code,
-            local_files_only=hub_unreachable(name_or_path, revision),
+            name_or_path, revision=revision, trust_remote_code=trust_remote_code, local_files_only=local_files_only
         )
     except OSError as e:
         raise ModelError(unreachable_model_message(name_or_path, e)) from None
@@ -81,6 +80,8 @@ def load_model(
     if folder.is_dir():
         for weights in sorted(folder.glob("*.safetensors")):
             check_safetensors(weights, "copy the model folder again")
+    # Outside the try below: the ModelError it may raise is already the one line to show.
+    local_files_only = hub_unreachable(name, model_args.model_revision)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name,
@@ -91,7 +92,7 @@ def load_model(
             device_map=device_map(),
             trust_remote_code=trust_remote_code,
             use_safetensors=True,  # pickled .bin weights can run code when loaded
-            local_files_only=hub_unreachable(name, model_args.model_revision),
+            local_files_only=local_files_only,
         )
     except OSError as e:
         raise ModelError(unreachable_model_message(name, e)) from None
@@ -136,12 +137,12 @@ def check_model_source(name_or_path: str, required_file: str = "config.json") ->
     path = Path(name_or_path).expanduser()
     if looks_like_path(name_or_path) and not path.exists():
         raise ModelError(f"no model folder at {name_or_path}: pass a folder saved with save_pretrained, or a Hub id.")
-    if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-        raise ModelError(
-            f"{name_or_path} holds a LoRA adapter, not a model: pass it as --adapter (inference.py, app.py) and its "
-            "base model as --model or --base."
-        )
     if path.exists() and not (path / required_file).is_file():
+        if (path / "adapter_config.json").is_file():
+            raise ModelError(
+                f"{name_or_path} holds a LoRA adapter, not a model: pass it as --adapter (inference.py, app.py) and "
+                "its base model as --model or --base."
+            )
         raise ModelError(f"{name_or_path} is not a model folder (it has no {required_file}).")
     for name in dict.fromkeys((required_file, "config.json")):
         if path.is_dir() and (path / name).is_file():

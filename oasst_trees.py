@@ -17,9 +17,8 @@ from config import DataError
 
 logger = logging.getLogger(__name__)
 
-# Longer than any real conversation (oasst1's deepest trees are a few dozen messages; the bundled sample's, 6). The
-# replies policy gives every reply its whole context, so a chain of depth d costs d^2/4 message references: the
-# bound keeps that finite.
+# Far beyond a real conversation (the deepest in the bundled sample has 6 messages). The replies policy gives every
+# reply its whole context, so a chain of depth d costs d^2/4 message references: the bound keeps that in proportion.
 MAX_DEPTH = 1000
 
 # The oasst1 columns this kit reads (the Hub rows have 18; the rest are not needed to build conversations).
@@ -55,7 +54,7 @@ def rows_from_trees(trees: list) -> tuple[list[dict], list[str]]:
         stack = [(tree["prompt"], None)]
         while stack:
             message, parent_id = stack.pop()
-            place = f"tree {number}, message {message.get('message_id')!r}"
+            place = f"tree {number}, message {short(message.get('message_id'))}"
             replies = message.get("replies") or []
             if not isinstance(replies, list) or not all(isinstance(reply, dict) for reply in replies):
                 raise DataError(f"{place}: replies must be a list of message objects.")
@@ -198,7 +197,7 @@ def context_status(candidates: dict[str, dict], where: dict[str, str]) -> dict[s
 
 
 def loop_message(chain: list[str], repeated: str, where: dict[str, str]) -> str:
-    if chain[-1] == repeated and chain.index(repeated) == len(chain) - 1:
+    if chain[-1] == repeated:  # its parent_id names itself
         return f"{where[repeated]}: message {short(repeated)} is its own parent; fix its parent_id or remove the row."
     loop = chain[chain.index(repeated) :] + [repeated]
     shown = " -> ".join(short(m) for m in loop) if len(loop) <= 6 else " -> ".join(short(m) for m in loop[:5]) + " ..."
