@@ -7,8 +7,15 @@ import logging
 from pathlib import Path
 
 from checkpoint_utils import ADAPTER_CONFIG, ADAPTER_FILE, latest_checkpoint
-from config import GENERATION_CONFIG, PHI_LORA_TARGETS, LoraArguments, ModelArguments, QuantizationArguments
-from model_utils import ModelError, load_model, load_tokenizer
+from config import (
+    GENERATION_CONFIG,
+    PHI_LORA_TARGETS,
+    ConfigError,
+    LoraArguments,
+    ModelArguments,
+    QuantizationArguments,
+)
+from model_utils import ModelError, check_safetensors, first_line, load_model, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +56,7 @@ def find_adapter(path: str | Path) -> Path:
     checkpoint = latest_checkpoint(folder)
     if checkpoint is not None:
         logger.info("No final adapter in %s: using %s.", folder, checkpoint)
+        check_adapter_files(checkpoint)
         return checkpoint
     raise ModelError(
         f"{folder} is not a LoRA adapter: it holds no adapter_config.json and no complete checkpoint-N folder."
@@ -70,6 +78,7 @@ def check_adapter_files(folder: Path) -> None:
         raise ModelError(f"{folder / ADAPTER_CONFIG} is not valid JSON ({e}).") from None
     if not isinstance(config, dict) or "peft_type" not in config:
         raise ModelError(f"{folder / ADAPTER_CONFIG} is not a PEFT adapter config (no peft_type).")
+    check_safetensors(folder / ADAPTER_FILE, "copy the adapter again, or use another checkpoint")
 
 
 def same_model(a: str, b: str) -> bool:
@@ -87,12 +96,18 @@ def load_chat_model(
     attn_implementation: str = "sdpa",
 ):
     """Base model (+ LoRA adapter unless `adapter` is None) and the tokenizer, ready for generation."""
-    from peft import PeftConfig, PeftModel
+    from peft import PeftConfig
 
     quant_args = quant_args or QuantizationArguments()
     adapter_dir = find_adapter(adapter) if adapter is not None else None
     if adapter_dir is not None:
-        trained_on = PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
+        try:
+            trained_on = PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
+        except (KeyError, TypeError, ValueError) as e:  # an unknown peft_type, fields peft does not take
+            raise ModelError(
+                f"peft cannot read {adapter_dir / ADAPTER_CONFIG} ({type(e).__name__}: {first_line(e)}): it is "
+                "damaged or not from peft; use another checkpoint, or train again."
+            ) from None
         if base is not None and trained_on and not same_model(trained_on, base):
             raise ModelError(
                 f"the adapter in {adapter_dir} was trained on {trained_on}, not {base}: leave --base out to use "
@@ -105,9 +120,59 @@ def load_chat_model(
     tokenizer = load_tokenizer(str(adapter_dir) if has_tokenizer else base)
     model = load_model(ModelArguments(model_name_or_path=base, attn_implementation=attn_implementation), quant_args)
     if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, adapter_dir)
+        model = load_adapter(model, adapter_dir, base)
     model.eval()
     return model, tokenizer
+
+
+def load_adapter(model, adapter_dir: Path, base: str):
+    """PeftModel on `model`; an adapter that does not fit the base, or whose settings peft refuses, in one line."""
+    from peft import PeftModel
+    from safetensors import SafetensorError
+
+    try:
+        return PeftModel.from_pretrained(model, adapter_dir)
+    except (KeyError, TypeError, ValueError, SafetensorError) as e:  # peft's NoMatchingPeftModuleError: a ValueError
+        raise ModelError(
+            f"cannot load the adapter in {adapter_dir} on {base} ({type(e).__name__}: {first_line(e)}): its "
+            f"{ADAPTER_CONFIG} is damaged or it was made for another model; use another checkpoint, or train again."
+        ) from None
+    except RuntimeError as e:
+        if not str(e).startswith("Error(s) in loading state_dict"):  # not torch's shape check: not the user's input
+            raise
+        raise ModelError(
+            f"the adapter in {adapter_dir} does not fit {base}: its weights have other shapes (it was trained on "
+            "another model); leave --base out to use the model it was trained on."
+        ) from None
+
+
+def check_lora_targets(lora_config, model) -> None:
+    """Every name in --lora_target_modules is a layer of this model that LoRA can adapt. peft itself fails only when
+    no name matches, and silently skips the others: a typo would train fewer layers than asked."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(lora_config.target_modules, str):  # all-linear, or a regular expression peft matches itself
+        return
+    adaptable = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, Conv1D)
+    modules = dict(model.named_modules())
+    head = model.get_output_embeddings()  # a linear layer, but all-linear leaves it out too
+    linear = sorted(
+        {name.rsplit(".", 1)[-1] for name, m in modules.items() if isinstance(m, torch.nn.Linear) and m is not head}
+    )
+    for target in sorted(lora_config.target_modules):
+        matches = [m for name, m in modules.items() if name == target or name.endswith(f".{target}")]
+        if not matches:
+            raise ConfigError(
+                f"--lora_target_modules: this model has no layer named {target!r}; its linear layers are "
+                f"{', '.join(linear)} (or pass all-linear)."
+            )
+        if not all(isinstance(m, adaptable) for m in matches):
+            kind = next(type(m).__name__ for m in matches if not isinstance(m, adaptable))
+            raise ConfigError(
+                f"--lora_target_modules: {target!r} is a {kind}, which LoRA cannot adapt; its linear layers are "
+                f"{', '.join(linear)}."
+            )
 
 
 def merge_adapter(adapter: str | Path, out_dir: str | Path, base: str | None = None, dtype: str = "bfloat16") -> Path:

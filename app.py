@@ -17,13 +17,15 @@ with a message that says so; when a conversation outgrows the model's context, i
 
 import contextlib
 import logging
+import math
 import os
+import socket
 import sys
 import threading
 from dataclasses import dataclass, field
 
 from cli_utils import argument_parser, fail, quiet_known_noise, use_model_decoding_defaults
-from config import ChatModelArguments, GenerationArguments, QuantizationArguments, UserError
+from config import ChatModelArguments, GenerationArguments, QuantizationArguments, UserError, require
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,14 @@ class AppArguments:
     stream_timeout: float = field(
         default=120.0, metadata={"help": "Seconds to wait for the next token before a generation counts as failed."}
     )
+
+    def __post_init__(self):
+        require(1 <= self.port <= 65535, f"--port must be in 1..65535, got {self.port}.")
+        for name in ("concurrency", "queue_size", "max_input_chars"):
+            require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1.")
+        require(
+            0 < self.stream_timeout < math.inf, f"--stream-timeout must be above 0 seconds, got {self.stream_timeout}."
+        )
 
 
 @dataclass
@@ -228,6 +238,22 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
     return user, password
 
 
+def check_address(host: str, port: int) -> None:
+    """Bind the page's address once, as Gradio will (SO_REUSEADDR, like its own probe): a port in use, one that needs
+    root, or a host that is not this machine's fails here in one line."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as e:  # socket.gaierror for an unknown host is an OSError too
+        hint = " (ports below 1024 need root)" if isinstance(e, PermissionError) and port < 1024 else ""
+        fail(
+            f"cannot listen on {host}:{port}: {e.strerror or e}{hint}; choose another --port, or a --host of this "
+            "machine (127.0.0.1, or 0.0.0.0 for every network)."
+        )
+
+
 def main(args: list[str] | None = None):
     parser = argument_parser((ChatModelArguments, AppArguments, GenerationArguments, QuantizationArguments), __doc__)
     model_defaults = use_model_decoding_defaults(parser, args)
@@ -236,9 +262,7 @@ def main(args: list[str] | None = None):
     except ValueError as e:
         fail(str(e))
     auth = parse_auth(app_args.auth)
-    for name in ("concurrency", "queue_size", "max_input_chars"):
-        if getattr(app_args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be at least 1.")
+    check_address(app_args.host, app_args.port)  # before minutes of model loading
     if app_args.host not in ("127.0.0.1", "localhost", "::1") and auth is None:
         logger.warning("Listening on %s without --auth: anyone who can reach this port can chat.", app_args.host)
 
@@ -272,16 +296,19 @@ def main(args: list[str] | None = None):
     theme = gr.themes.Default(
         font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
     )
-    page.launch(
-        server_name=app_args.host,
-        server_port=app_args.port,
-        share=app_args.share,
-        auth=auth,
-        theme=theme,
-        show_error=True,
-        quiet=True,  # Gradio's own banner points at launch(share=True); ours names the flags
-        prevent_thread_lock=True,
-    )
+    try:
+        page.launch(
+            server_name=app_args.host,
+            server_port=app_args.port,
+            share=app_args.share,
+            auth=auth,
+            theme=theme,
+            show_error=True,
+            quiet=True,  # Gradio's own banner points at launch(share=True); ours names the flags
+            prevent_thread_lock=True,
+        )
+    except OSError as e:  # the port was taken while the model loaded
+        fail(f"cannot listen on {app_args.host}:{app_args.port} ({e}); choose another --port.")
     print(f"Chat page: {page.local_url}" + (" (login required)" if auth else ""), flush=True)
     if page.share_url:
         print(f"Public link (anyone who has it can chat): {page.share_url}", flush=True)

@@ -155,4 +155,12 @@ def read_run_config(output_dir: str | Path) -> dict:
     path = Path(output_dir) / RUN_CONFIG
     if not path.is_file():
         raise CheckpointError(f"{path} not found: point --model_dir at a training output folder.")
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
+    try:
+        settings = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(
+            f"{path} is not valid YAML ({' '.join(str(e).split())}); train again to rewrite it."
+        ) from None
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{path} is not a mapping of settings (key: value lines); train again to rewrite it.")
+    return settings

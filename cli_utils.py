@@ -89,14 +89,17 @@ def check_yaml_config(path: str, dataclass_types: tuple) -> None:
     import yaml
 
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark and Windows line endings are fine
             config = yaml.safe_load(f)
     except OSError as e:
         raise ConfigError(f"cannot read the config file {path}: {e.strerror}.") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"{path} is nested too deeply to be a config file.") from None
     if not isinstance(config, dict):
-        raise ConfigError(f"{path} must be a YAML mapping of settings (key: value lines).")
+        got = "is empty" if config is None else f"holds a {type(config).__name__}"
+        raise ConfigError(f"{path} must be a YAML mapping of settings (key: value lines); it {got}.")
     settings = {}
     for cls in dataclass_types:
         try:

@@ -10,6 +10,7 @@ that `import config` stays free of TRL). Parsing lives in `cli_utils.py`.
 """
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -27,6 +28,19 @@ class UserError(ValueError):
 
 class ConfigError(UserError):
     """A setting that cannot work; the message names the flag and the fix."""
+
+
+class DataError(UserError):
+    """A problem with the user's data; the message says what and where."""
+
+
+def require(condition: bool, message: str) -> None:
+    """A setting's range, written as what must hold (so that NaN fails it too); else a ConfigError."""
+    if not condition:
+        raise ConfigError(message)
+
+
+SEED_LIMIT = 2**32  # numpy's and torch's seeds are unsigned 32-bit
 
 
 @dataclass
@@ -76,6 +90,15 @@ class LoraArguments:
         },
     )
 
+    def __post_init__(self):
+        require(self.lora_r >= 1, f"--lora_r must be at least 1, got {self.lora_r}.")
+        require(self.lora_alpha > 0, f"--lora_alpha must be above 0, got {self.lora_alpha}.")
+        require(0 <= self.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        require(
+            any(name.strip() for name in self.lora_target_modules.split(",")),
+            "--lora_target_modules names no module: pass a comma list, all-linear or auto.",
+        )
+
 
 @dataclass
 class DataArguments:
@@ -110,13 +133,12 @@ class DataArguments:
     langs: str = field(default="", metadata={"help": "Comma-separated language codes to keep; empty: all."})
 
     def __post_init__(self):
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ConfigError(f"--eval_fraction must be in [0, 1), got {self.eval_fraction}.")
-        if not 0.0 <= self.test_fraction < 1.0 or self.eval_fraction + self.test_fraction >= 1.0:
-            raise ConfigError(
-                f"--test_fraction must be in [0, 1) and leave trees to train on with --eval_fraction, got "
-                f"{self.test_fraction} and {self.eval_fraction}."
-            )
+        require(0.0 <= self.eval_fraction < 1.0, f"--eval_fraction must be in [0, 1), got {self.eval_fraction}.")
+        require(
+            0.0 <= self.test_fraction < 1.0 and self.eval_fraction + self.test_fraction < 1.0,
+            f"--test_fraction must be in [0, 1) and leave trees to train on with --eval_fraction, got "
+            f"{self.test_fraction} and {self.eval_fraction}.",
+        )
 
     @property
     def lang_list(self) -> list[str]:
@@ -135,15 +157,13 @@ class GenerationArguments:
     seed: int | None = field(default=None, metadata={"help": "Random seed for sampling, for repeatable replies."})
 
     def __post_init__(self):
-        # Values generate() would reject mid-way, refused before the model loads.
-        if self.max_new_tokens < 1:
-            raise ConfigError("--max-new-tokens must be at least 1.")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError("--top-p must be in (0, 1]; 1 keeps every token.")
-        if self.top_k < 0:
-            raise ConfigError("--top-k must be 0 (no limit) or more.")
-        if self.repetition_penalty <= 0:
-            raise ConfigError("--repetition-penalty must be above 0; 1.0 means none.")
+        # Values generate() would reject mid-way (or sample nonsense with), refused before the model loads.
+        require(self.max_new_tokens >= 1, "--max-new-tokens must be at least 1.")
+        require(0 <= self.temperature < math.inf, f"--temperature must be 0 (greedy) or more, got {self.temperature}.")
+        require(0 < self.top_p <= 1, "--top-p must be in (0, 1]; 1 keeps every token.")
+        require(self.top_k >= 0, "--top-k must be 0 (no limit) or more.")
+        require(0 < self.repetition_penalty < math.inf, "--repetition-penalty must be above 0; 1.0 means none.")
+        require(self.seed is None or 0 <= self.seed < SEED_LIMIT, f"--seed must be in [0, 2**32), got {self.seed}.")
 
     @staticmethod
     def model_defaults(folder: str | Path) -> dict:
@@ -201,10 +221,26 @@ class ReportArguments:
     report_repetition_penalty: float = field(
         default=1.0, metadata={"help": "Repetition penalty in the clean-stop test; 1.0 is plain greedy."}
     )
-    report_examples: int = field(default=3, metadata={"help": "Base and tuned replies shown side by side."})
+    report_examples: int = field(
+        default=3, metadata={"help": "Base and tuned replies shown side by side in the model card (0: none)."}
+    )
     report_on: Literal["test", "dev"] = field(
         default="test", metadata={"help": "Held-out part to score: test (dev if there is none), or dev to tune on."}
     )
     license: str = field(
         default="auto", metadata={"help": "License in the model card; auto: the base model's, from its card."}
     )
+
+    def __post_init__(self):
+        require(self.report_prompts >= 1, f"--report_prompts must be at least 1, got {self.report_prompts}.")
+        require(
+            self.report_max_new_tokens >= 1,
+            f"--report_max_new_tokens must be at least 1, got {self.report_max_new_tokens}.",
+        )
+        require(
+            0 < self.report_repetition_penalty < math.inf,
+            f"--report_repetition_penalty must be above 0 (1.0: none), got {self.report_repetition_penalty}.",
+        )
+        require(
+            self.report_examples >= 0, f"--report_examples must be 0 (none shown) or more, got {self.report_examples}."
+        )

@@ -8,7 +8,9 @@ Preview or export what training will see:
 
 Sources: the Hub data set (`hub` or `OpenAssistant/oasst1`), a local file of oasst1 rows (.jsonl or .parquet with the
 Hub's columns), an oasst1 trees export (.jsonl, one tree per line), or your own conversations: `{"messages": [{"role":
-"user"|"assistant", "content": ...}]}` jsonl, or text lines "### Human: ... ### Assistant: ...".
+"user"|"assistant", "content": ...}]}` jsonl, or text lines "### Human: ... ### Assistant: ...". Files are UTF-8 (a
+byte-order mark and Windows line endings are fine). Which oasst1 messages are kept, and how messy rows end (a loop of
+parent links, a duplicate id, a mistyped column: one error naming the row), is oasst_trees.py's concern.
 
 Policies (for oasst1 sources; your own conversations are used whole, with loss on every assistant turn):
 - best: one conversation per tree, following the best-ranked assistant reply at every assistant step, ending at an
@@ -28,7 +30,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from config import UserError
+from config import DataError
+from oasst_trees import ROW_COLUMNS, Tree, best_path_conversations, filter_messages, reply_examples, rows_from_trees
 
 logger = logging.getLogger(__name__)
 
@@ -56,23 +59,6 @@ CHAT_TEMPLATE = (
 )
 HUMAN, ASSISTANT = "### Human:", "### Assistant:"
 
-# The oasst1 columns this module reads (the Hub rows have 18; the rest are not needed to build conversations).
-ROW_COLUMNS = (
-    "message_id",
-    "parent_id",
-    "message_tree_id",
-    "text",
-    "role",
-    "lang",
-    "deleted",
-    "review_result",
-    "rank",
-)
-
-
-class DataError(UserError):
-    """A problem with the user's data; the message says what and where."""
-
 
 @dataclass
 class Conversations:
@@ -88,8 +74,9 @@ class Conversations:
             return f"{len(self.examples)} conversations"
         return (
             f"{c['messages']} messages: removed {c['deleted']} deleted, {c['rejected']} rejected in review, "
-            f"{c['other_language']} in other languages, {c['orphaned']} orphaned (parent missing or removed); "
-            f"kept {c['kept']} -> {len(self.examples)} examples"
+            f"{c['other_language']} in other languages, {c['orphaned']} orphaned (parent missing or removed)"
+            + (f", {c['out_of_turn']} out of turn (same role as the parent)" if c["out_of_turn"] else "")
+            + f"; kept {c['kept']} -> {len(self.examples)} examples"
         )
 
 
@@ -97,10 +84,11 @@ class Conversations:
 # Reading sources
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list:
+    """One JSON value per line; blank lines skipped. A UTF-8 byte-order mark and Windows line endings are fine."""
     records = []
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             for number, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -108,22 +96,16 @@ def read_jsonl(path: Path) -> list[dict]:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{number}: not valid JSON ({e.msg}).") from None
+                except ValueError as e:  # an integer longer than Python's limit on digits
+                    raise DataError(f"{path}:{number}: not valid JSON ({e}).") from None
+                except RecursionError:
+                    raise DataError(
+                        f"{path}:{number}: nested deeper than Python's JSON reader can follow; a trees export this "
+                        "deep can be written as rows, one message per line."
+                    ) from None
     except UnicodeDecodeError:
         raise DataError(f"{path} is not UTF-8 text; convert it (e.g. iconv -t utf-8) and try again.") from None
     return records
-
-
-def flatten_trees(trees: list[dict]) -> list[dict]:
-    """An oasst1 trees export -> one row per message, as in the Hub data set."""
-    rows = []
-    for tree in trees:
-        tree_id = tree.get("message_tree_id")
-        stack = [tree["prompt"]]
-        while stack:
-            message = stack.pop()
-            rows.append({**{k: v for k, v in message.items() if k != "replies"}, "message_tree_id": tree_id})
-            stack.extend(reversed(message.get("replies", [])))
-    return rows
 
 
 def parse_text_line(line: str) -> list[dict]:
@@ -192,10 +174,11 @@ def load_hub_rows(split: str) -> list[dict]:
     return dataset.select_columns(list(ROW_COLUMNS)).to_list()
 
 
-def read_source(source: str, split: str = "train") -> tuple[str, list]:
-    """Returns ("oasst", rows) or ("user", conversations) for a Hub name or a local path."""
+def read_source(source: str, split: str = "train") -> tuple[str, list, list[str] | None]:
+    """("oasst", rows, where each row came from or None for "row N") or ("user", conversations, None), for a Hub
+    name or a local path."""
     if source in ("hub", HUB_DATASET):
-        return "oasst", load_hub_rows(split)
+        return "oasst", load_hub_rows(split), None
     path = Path(source)
     if not path.is_file():
         raise DataError(f"data file not found: {source} (pass a local file, or 'hub' for {HUB_DATASET}).")
@@ -206,13 +189,13 @@ def read_source(source: str, split: str = "train") -> tuple[str, list]:
             table = pq.read_table(path)
         except Exception as e:  # pyarrow raises several error types for a corrupt file
             raise DataError(f"{path}: not a readable parquet file ({e}).") from None
-        return "oasst", table.select([c for c in ROW_COLUMNS if c in table.column_names]).to_pylist()
+        return "oasst", table.select([c for c in ROW_COLUMNS if c in table.column_names]).to_pylist(), None
     if path.suffix in (".txt", ".text"):
         try:
-            lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            lines = [line for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
         except UnicodeDecodeError:
             raise DataError(f"{path} is not UTF-8 text; convert it (e.g. iconv -t utf-8) and try again.") from None
-        return "user", user_conversations(lines, path)
+        return "user", user_conversations(lines, path), None
     records = read_jsonl(path)
     if not records:
         raise DataError(f"{path} holds no records.")
@@ -220,169 +203,16 @@ def read_source(source: str, split: str = "train") -> tuple[str, list]:
     if not isinstance(first, dict):
         raise DataError(f"{path}:1: expected a JSON object per line.")
     if "prompt" in first and "message_tree_id" in first:
-        return "oasst", flatten_trees(records)
+        try:
+            return "oasst", *rows_from_trees(records)
+        except DataError as e:
+            raise DataError(f"{path}: {e}") from None
     if "message_id" in first:
         missing = [c for c in ("message_id", "text", "role") if c not in first]
         if missing:
             raise DataError(f"{path}: rows lack the oasst1 columns {', '.join(missing)}.")
-        return "oasst", records
-    return "user", user_conversations(records, path)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# oasst1 rows -> conversations
-
-
-def filter_messages(rows: list[dict], langs: list[str]) -> tuple[dict[str, dict], Counter]:
-    """Keep reviewed, undeleted messages in `langs` whose whole ancestry is kept; count what each filter removed."""
-    counts = Counter(messages=len(rows))
-    for name in ("deleted", "rejected", "other_language", "orphaned"):
-        counts[name] = 0
-    if langs:
-        present = Counter(row.get("lang") for row in rows if isinstance(row, dict))
-        unknown = [lang for lang in langs if lang not in present]
-        listed = ", ".join(f"{lang} ({n})" for lang, n in present.most_common(12) if lang) or "no lang column"
-        if len(unknown) == len(langs):
-            raise DataError(f"no message has the language code {', '.join(unknown)} (--langs); the data has {listed}.")
-        if unknown:
-            logger.warning(
-                "--langs: no message has the language code %s; the data has %s.", ", ".join(unknown), listed
-            )
-    candidates = {}
-    for number, row in enumerate(rows, start=1):
-        try:
-            message_id, role, text = row["message_id"], row["role"], row["text"]
-        except (KeyError, TypeError) as e:
-            missing = e if isinstance(e, KeyError) else "'message_id' (not a JSON object)"
-            raise DataError(f"row {number} lacks the oasst1 column {missing}.") from None
-        if row.get("deleted"):
-            counts["deleted"] += 1
-        elif row.get("review_result") is False:
-            counts["rejected"] += 1
-        elif langs and row.get("lang") not in langs:
-            counts["other_language"] += 1
-        elif role in ("prompter", "assistant") and isinstance(text, str):
-            candidates[message_id] = row
-    # A message whose parent is missing from the split (or was removed above) has no context: skip its subtree.
-    reaches_root: dict[str, bool] = {}
-    for message_id in candidates:
-        chain, current = [], message_id
-        while True:
-            if current is None:
-                ok = True
-                break
-            if current in reaches_root:
-                ok = reaches_root[current]
-                break
-            if current not in candidates:
-                ok = False
-                break
-            chain.append(current)
-            current = candidates[current].get("parent_id")
-        for link in chain:
-            reaches_root[link] = ok
-    kept = {message_id: row for message_id, row in candidates.items() if reaches_root[message_id]}
-    counts["orphaned"] = len(candidates) - len(kept)
-    counts["kept"] = len(kept)
-    return kept, counts
-
-
-def as_message(row: dict) -> dict:
-    return {"role": "user" if row["role"] == "prompter" else "assistant", "content": row["text"].strip()}
-
-
-def best_reply(replies: list[dict]) -> dict:
-    """The best-ranked reply: lowest rank, unranked last, ties to the smallest message_id."""
-    return min(replies, key=lambda r: (r.get("rank") is None, r.get("rank") or 0, r["message_id"]))
-
-
-class Tree:
-    """Kept oasst1 messages with their children, in a deterministic order."""
-
-    def __init__(self, kept: dict[str, dict]):
-        self.kept = kept
-        self.children: dict[str, list[dict]] = {}
-        self.roots = []
-        for row in kept.values():
-            parent = row.get("parent_id")
-            if parent is None:
-                if row["role"] == "prompter":
-                    self.roots.append(row)
-            else:
-                self.children.setdefault(parent, []).append(row)
-        self._turns: dict[str, int] = {}
-
-    def replies(self, row: dict, role: str) -> list[dict]:
-        return [r for r in self.children.get(row["message_id"], ()) if r["role"] == role]
-
-    def best_turns(self, row: dict) -> int:
-        """Assistant turns on the best path that starts at `row` (memoized)."""
-        key = row["message_id"]
-        if key not in self._turns:
-            if row["role"] == "prompter":
-                answers = self.replies(row, "assistant")
-                self._turns[key] = 1 + self.best_turns(best_reply(answers)) if answers else 0
-            else:
-                self._turns[key] = max((self.best_turns(r) for r in self.replies(row, "prompter")), default=0)
-        return self._turns[key]
-
-    def best_path(self, root: dict) -> list[dict]:
-        path, node = [root], root
-        while True:
-            if node["role"] == "prompter":
-                answers = self.replies(node, "assistant")
-                if not answers:
-                    break
-                node = best_reply(answers)
-            else:
-                follow_ups = [r for r in self.replies(node, "prompter") if self.best_turns(r) > 0]
-                if not follow_ups:
-                    break
-                node = min(follow_ups, key=lambda r: (-self.best_turns(r), r["message_id"]))
-            path.append(node)
-        if path[-1]["role"] == "prompter":
-            path.pop()  # a conversation ends with the assistant
-        return path
-
-    def ancestors(self, row: dict) -> list[dict]:
-        path = [row]
-        while path[-1].get("parent_id") is not None:
-            path.append(self.kept[path[-1]["parent_id"]])
-        return path[::-1]
-
-
-def best_path_conversations(tree: Tree) -> list[dict]:
-    examples = []
-    for root in tree.roots:
-        path = tree.best_path(root)
-        if len(path) >= 2:
-            examples.append(
-                {"messages": [as_message(r) for r in path], "id": path[-1]["message_id"], "tree_id": tree_id(root)}
-            )
-    return examples
-
-
-def reply_examples(tree: Tree) -> list[dict]:
-    examples = []
-    for root in tree.roots:
-        stack = [root]
-        while stack:  # depth-first, children in message_id order, so the output order is stable
-            node = stack.pop()
-            answers = tree.replies(node, "assistant") if node["role"] == "prompter" else []
-            if answers:
-                reply = best_reply(answers)
-                path = tree.ancestors(reply)
-                examples.append(
-                    {"messages": [as_message(r) for r in path], "id": reply["message_id"], "tree_id": tree_id(root)}
-                )
-            stack.extend(
-                sorted(tree.children.get(node["message_id"], ()), key=lambda r: r["message_id"], reverse=True)
-            )
-    return examples
-
-
-def tree_id(root: dict) -> str:
-    return root.get("message_tree_id") or root["message_id"]
+        return "oasst", records, None
+    return "user", user_conversations(records, path), None
 
 
 def load_conversations(
@@ -391,7 +221,7 @@ def load_conversations(
     """Read a source and turn it into training examples; logs what each filter removed."""
     if policy not in ("best", "replies"):
         raise DataError(f"unknown policy {policy!r}: choose best or replies.")
-    kind, records = read_source(source, split)
+    kind, records, places = read_source(source, split)
     if kind == "user":
         if policy == "replies":
             logger.warning("--policy replies applies to oasst1 data; your conversations are used whole.")
@@ -399,7 +229,7 @@ def load_conversations(
             logger.warning("--langs applies to oasst1 data (its lang column); your conversations are used whole.")
         return Conversations(records, loss_on="all", counts=Counter(conversations=len(records)))
     try:
-        kept, counts = filter_messages(records, langs or [])
+        kept, counts = filter_messages(records, langs or [], places)
     except DataError as e:
         raise DataError(f"{source}: {e}") from None
     tree = Tree(kept)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 from cli_utils import argument_parser, fail, quiet_known_noise, use_model_decoding_defaults
-from config import ChatModelArguments, GenerationArguments, QuantizationArguments, UserError
+from config import ChatModelArguments, GenerationArguments, QuantizationArguments, UserError, require
 
 EXIT_COMMANDS = ("/exit", "/quit")
 
@@ -49,6 +49,13 @@ class InferenceArguments:
     max_input_tokens: int | None = field(
         default=None, metadata={"help": "Longest prompt in tokens; default: the context minus --max-new-tokens."}
     )
+
+    def __post_init__(self):
+        require(self.batch_size >= 1, "--batch-size must be at least 1.")
+        require(
+            self.max_input_tokens is None or self.max_input_tokens >= 1,
+            f"--max-input-tokens must be at least 1, got {self.max_input_tokens}.",
+        )
 
 
 def parse_args(args: list[str] | None):
@@ -84,8 +91,6 @@ def parse_args(args: list[str] | None):
         fail("--output goes with --input FILE (batch mode).")
     if inference_args.merge_to and model_args.no_adapter:
         fail("--merge-to merges an adapter: drop --no-adapter.")
-    if inference_args.batch_size < 1:
-        fail("--batch-size must be at least 1.")
     return model_args, inference_args, gen_args, quant_args, prompt
 
 
@@ -177,22 +182,24 @@ def notice(text: str) -> None:
 
 
 def read_prompts(path: Path) -> list[dict]:
-    """The batch input: one JSON object per line with "prompt" or "messages"; blank lines are skipped."""
+    """The batch input: one JSON object per line with "prompt" or "messages"; blank lines are skipped. A UTF-8
+    byte-order mark and Windows line endings are fine."""
     if not path.is_file():
         fail(f"{path} not found.")
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError:
+        fail(f"{path} is not UTF-8 text; convert it (e.g. iconv -t utf-8) and try again.")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as e:
-            fail(f"{path} line {number} is not JSON: {e.msg}.")
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, or nesting or a number beyond Python's limits
+            fail(f"{path} line {number} is not JSON: {getattr(e, 'msg', None) or type(e).__name__}.")
         if not isinstance(row, dict) or not (
-            isinstance(row.get("prompt"), str)
-            or (
-                isinstance(row.get("messages"), list) and row["messages"] and row["messages"][-1].get("role") == "user"
-            )
+            isinstance(row.get("prompt"), str) or is_conversation(row.get("messages"))
         ):
             fail(
                 f'{path} line {number}: expected {{"prompt": "..."}} or {{"messages": [...]}} ending with a user turn.'
@@ -201,6 +208,20 @@ def read_prompts(path: Path) -> list[dict]:
     if not rows:
         fail(f"{path} holds no prompts.")
     return rows
+
+
+def is_conversation(messages) -> bool:
+    """Messages the template can render as a prompt: text turns alternating from the user, ending with the user."""
+    return (
+        isinstance(messages, list)
+        and len(messages) % 2 == 1
+        and all(
+            isinstance(m, dict)
+            and m.get("role") == ("user" if i % 2 == 0 else "assistant")
+            and isinstance(m.get("content"), str)
+            for i, m in enumerate(messages)
+        )
+    )
 
 
 def answer_file(model, tokenizer, gen_args, rows: list[dict], output: Path, max_input: int, batch_size: int):

@@ -3,6 +3,7 @@ local folder, and say which device they run on. Used by training, inference, the
 """
 
 import functools
+import json
 import logging
 import os
 import platform
@@ -27,15 +28,21 @@ def load_tokenizer(
 ) -> PreTrainedTokenizerBase:
     """The base model's tokenizer with our conversation template installed as its chat_template."""
     check_model_source(name_or_path, "tokenizer_config.json")
+    # Outside the try below: the ModelError it may raise is already the one line to show.
+    local_files_only = hub_unreachable(name_or_path, revision)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            name_or_path,
-            revision=revision,
-            trust_remote_code=trust_remote_code,
-            local_files_only=hub_unreachable(name_or_path, revision),
+            name_or_path, revision=revision, trust_remote_code=trust_remote_code, local_files_only=local_files_only
         )
     except OSError as e:
         raise ModelError(unreachable_model_message(name_or_path, e)) from None
+    except (
+        Exception
+    ) as e:  # a damaged tokenizer file: KeyError, TypeError, JSONDecodeError or tokenizers' own Exception
+        raise ModelError(
+            f"cannot read the tokenizer of {name_or_path} ({type(e).__name__}: {first_line(e)}): its tokenizer files "
+            "are damaged; copy them again from the base model."
+        ) from None
     if tokenizer.eos_token is None:
         raise ModelError(f"the tokenizer of {name_or_path} has no EOS token; the template needs one to end replies.")
     if tokenizer.pad_token is None:
@@ -70,6 +77,11 @@ def load_model(
             f"{folder} holds only pickled weights (*.bin), which are never loaded (unpickling can run code): convert "
             "them to safetensors once, where you trust them (from_pretrained, then save_pretrained)."
         )
+    if folder.is_dir():
+        for weights in sorted(folder.glob("*.safetensors")):
+            check_safetensors(weights, "copy the model folder again")
+    # Outside the try below: the ModelError it may raise is already the one line to show.
+    local_files_only = hub_unreachable(name, model_args.model_revision)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name,
@@ -80,13 +92,31 @@ def load_model(
             device_map=device_map(),
             trust_remote_code=trust_remote_code,
             use_safetensors=True,  # pickled .bin weights can run code when loaded
-            local_files_only=hub_unreachable(name, model_args.model_revision),
+            local_files_only=local_files_only,
         )
     except OSError as e:
         raise ModelError(unreachable_model_message(name, e)) from None
     except ImportError as e:  # flash-attn not installed, a kernel package missing
         raise ModelError(f"{str(e).splitlines()[0]} (or use --attn_implementation sdpa)") from None
+    except ValueError as e:  # a config.json naming an architecture transformers does not know, or without model_type
+        raise ModelError(f"cannot load a model from {name}: {first_line(e)}") from None
     return model
+
+
+def first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [""])[0]
+
+
+def check_safetensors(path: Path, remedy: str) -> None:
+    """A safetensors file whose header reads and whose data has every byte the header announces (safetensors checks
+    both when it opens the file, without reading the tensors): a download or copy cut short fails here, at once."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt"):
+            pass
+    except (SafetensorError, OSError) as e:
+        raise ModelError(f"{path} is damaged ({first_line(e)}): {remedy}.") from None
 
 
 def looks_like_path(name_or_path: str) -> bool:
@@ -102,12 +132,28 @@ def looks_like_path(name_or_path: str) -> bool:
 
 
 def check_model_source(name_or_path: str, required_file: str = "config.json") -> None:
-    """A local model or tokenizer must be a folder saved with save_pretrained; anything else is taken for a Hub id."""
+    """A local model or tokenizer must be a folder saved with save_pretrained, whose config files are JSON objects;
+    anything else is taken for a Hub id."""
     path = Path(name_or_path).expanduser()
     if looks_like_path(name_or_path) and not path.exists():
         raise ModelError(f"no model folder at {name_or_path}: pass a folder saved with save_pretrained, or a Hub id.")
     if path.exists() and not (path / required_file).is_file():
+        if (path / "adapter_config.json").is_file():
+            raise ModelError(
+                f"{name_or_path} holds a LoRA adapter, not a model: pass it as --adapter (inference.py, app.py) and "
+                "its base model as --model or --base."
+            )
         raise ModelError(f"{name_or_path} is not a model folder (it has no {required_file}).")
+    for name in dict.fromkeys((required_file, "config.json")):
+        if path.is_dir() and (path / name).is_file():
+            try:
+                settings = json.loads((path / name).read_text(encoding="utf-8-sig"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ModelError(
+                    f"{path / name} is not valid JSON ({e}): the folder is damaged; copy it again."
+                ) from None
+            if not isinstance(settings, dict):
+                raise ModelError(f"{path / name} is not a JSON object: the folder is damaged; copy it again.")
 
 
 @functools.cache
@@ -132,7 +178,10 @@ def hub_unreachable(name_or_path: str, revision: str | None = None) -> bool:
 
 def unreachable_model_message(name_or_path: str, error: Exception | None) -> str:
     if looks_like_path(name_or_path) and error is not None:
-        return f"cannot load a model from {name_or_path}: {str(error).splitlines()[0]}"
+        return (
+            f"cannot load a model from {name_or_path}: {first_line(error)} (it must be a whole folder saved with "
+            "save_pretrained)"
+        )
     return (
         f"cannot download {name_or_path} from the Hugging Face Hub (no network?). Download it where there is one "
         f"(huggingface-cli download {name_or_path} --local-dir DIR), or use a copy you have, and pass its folder: "

@@ -11,6 +11,7 @@ that cost is in BENCHMARKS.md.
 
 import contextlib
 import logging
+import math
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -20,7 +21,16 @@ from transformers import TrainerCallback
 from trl import SFTConfig
 
 from cli_utils import check_yaml_config, one_line_errors
-from config import ConfigError, DataArguments, LoraArguments, ModelArguments, QuantizationArguments, ReportArguments
+from config import (
+    SEED_LIMIT,
+    ConfigError,
+    DataArguments,
+    LoraArguments,
+    ModelArguments,
+    QuantizationArguments,
+    ReportArguments,
+    require,
+)
 from quantization_utils import fsdp_enabled, training_precision
 from workarounds import (
     RestoreTrainableDtypesOnResume,
@@ -48,7 +58,10 @@ class TrainingConfig(SFTConfig):
     warmup_steps: float = field(
         default=0.05, metadata={"help": "Warmup: a float in [0, 1) is a share of all steps, an integer a step count."}
     )
-    max_steps: int = field(default=700, metadata={"help": "Optimizer steps (original recipe: 700)."})
+    max_steps: int = field(
+        default=700,
+        metadata={"help": "Optimizer steps (original recipe: 700); -1: --num_train_epochs epochs instead."},
+    )
     per_device_train_batch_size: int = field(
         default=4,
         metadata={"help": "Micro-batch per device: packed rows of --max_length tokens (conversations unpacked)."},
@@ -70,7 +83,7 @@ class TrainingConfig(SFTConfig):
     gradient_checkpointing: bool | None = field(
         default=None, metadata={"help": "Old name of --activation_checkpointing (transformers 5 renamed it)."}
     )
-    max_grad_norm: float = field(default=0.3, metadata={"help": "Gradient clipping (QLoRA paper: 0.3)."})
+    max_grad_norm: float = field(default=0.3, metadata={"help": "Gradient clipping (QLoRA paper: 0.3); 0: none."})
     optim: str = field(
         default="paged_adamw_32bit",
         metadata={"help": "Optimizer; paged AdamW survives memory spikes on CUDA (adamw_torch on CPU)."},
@@ -81,9 +94,15 @@ class TrainingConfig(SFTConfig):
     bf16: bool | None = field(
         default=None, metadata={"help": "bf16 mixed precision; default: on where the GPU has it, off on CPU."}
     )
-    save_steps: float = field(default=100, metadata={"help": "Save a checkpoint every N steps."})
-    save_total_limit: int | None = field(default=3, metadata={"help": "Keep only the newest N checkpoints."})
-    logging_steps: float = field(default=10, metadata={"help": "Log the loss every N steps."})
+    save_steps: float = field(
+        default=100, metadata={"help": "Save a checkpoint every N steps (below 1: that share of all steps)."}
+    )
+    save_total_limit: int | None = field(
+        default=3, metadata={"help": "Keep only the newest N checkpoints (0: keep them all)."}
+    )
+    logging_steps: float = field(
+        default=10, metadata={"help": "Log the loss every N steps (below 1: that share of all steps)."}
+    )
     report_to: None | str | list[str] = field(
         default="tensorboard", metadata={"help": "Where training logs go: tensorboard, wandb, trackio or none."}
     )
@@ -101,12 +120,56 @@ class TrainingConfig(SFTConfig):
     def __post_init__(self):
         if self.gradient_checkpointing is not None:  # the old name given: transformers maps it (with a warning)
             self.activation_checkpointing = None
+        self.check_ranges()
         self.bf16, self.fp16, self.optim = training_precision(self.bf16, self.fp16, self.optim)
         if not torch.cuda.is_available():
             # The model is on the CPU (model_utils.device_map), so the Trainer must be too; under torchrun this is
             # also what makes accelerate train the processes together (gloo) rather than each on its own.
             self.use_cpu = True
         super().__post_init__()
+
+    def check_ranges(self) -> None:
+        """The loop settings we set or users commonly set, refused before anything loads when out of range (the
+        Trainer would fail on some mid-way, or train nonsense on others: a negative step count trains epochs)."""
+        require(0 < self.learning_rate < math.inf, f"--learning_rate must be above 0, got {self.learning_rate}.")
+        require(
+            self.max_steps >= 1 or self.max_steps == -1,
+            f"--max_steps must be at least 1, or -1 to train --num_train_epochs epochs, got {self.max_steps}.",
+        )
+        require(
+            0 < self.num_train_epochs < math.inf, f"--num_train_epochs must be above 0, got {self.num_train_epochs}."
+        )
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            require(getattr(self, name) >= 1, f"--{name} must be at least 1, got {getattr(self, name)}.")
+        require(
+            self.max_length is None or self.max_length >= 1,
+            f"--max_length must be at least 1 token, got {self.max_length}.",
+        )
+        require(
+            self.warmup_steps == 0 or steps_or_share(self.warmup_steps),
+            f"--warmup_steps must be a share of the steps in [0, 1) or a whole number of steps, got "
+            f"{self.warmup_steps}.",
+        )
+        require(
+            0 <= self.max_grad_norm < math.inf,
+            f"--max_grad_norm must be 0 (no clipping) or more, got {self.max_grad_norm}.",
+        )
+        for name in ("save_steps", "logging_steps", "eval_steps"):
+            steps = getattr(self, name)
+            require(
+                steps is None or steps_or_share(steps),
+                f"--{name} must be a whole number of steps, or a share of the steps in (0, 1), got {steps}.",
+            )
+        require(
+            self.save_total_limit is None or self.save_total_limit >= 0,
+            f"--save_total_limit must be 0 (keep every checkpoint) or more, got {self.save_total_limit}.",
+        )
+        require(0 <= self.seed < SEED_LIMIT, f"--seed must be in [0, 2**32), got {self.seed}.")
+
+
+def steps_or_share(value: float) -> bool:
+    """A whole number of steps, or a share of all steps in (0, 1): how transformers reads its *_steps floats."""
+    return 0 < value < 1 or (1 <= value < math.inf and value == int(value))
 
 
 SETTINGS = (ModelArguments, QuantizationArguments, LoraArguments, DataArguments, ReportArguments, TrainingConfig)
@@ -139,6 +202,10 @@ def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset=N
     class QLoRATrainer(RestoreTrainableDtypesOnResume, SFTTrainer):
         """SFTTrainer that resumes in the LoRA weights' own dtype (workarounds.py)."""
 
+    if peft_config is not None:
+        from adapter_utils import check_lora_targets
+
+        check_lora_targets(peft_config, model)  # before the trainer, which would skip a misspelt name silently
     quantized = getattr(model, "is_loaded_in_4bit", False)
     if quantized:
         keep_4bit_weights_trainable_on_cpu(model)  # before the packing check below runs the model without gradients

@@ -9,7 +9,7 @@ fresh message and tree ids until there are --rows of them (the last copy is cut 
 comes before its replies and the links stay consistent). Both preparations start from the same rows in memory (the
 columns of the Hub data set), so the figures compare the conversion itself, not file reading:
 
-- this repo: `data_utils.filter_messages` + `Tree` + `best_path_conversations` (--policy best: one multi-turn
+- this repo: `oasst_trees.filter_messages` + `Tree` + `best_path_conversations` (--policy best: one multi-turn
   conversation per tree along the best-ranked replies), then the training text of each conversation;
 - the original recipe, re-implemented: for each assistant message, its parent prompt and the reply, formatted
   "### Human: {prompt} ### Assistant: {reply}" (pandas, as in the original notebook style: a data frame of the rows,
@@ -28,15 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data_utils import (  # noqa: E402
-    SAMPLE,
-    Tree,
-    best_path_conversations,
-    filter_messages,
-    flatten_trees,
-    format_text,
-    read_jsonl,
-)
+from data_utils import SAMPLE, format_text, read_jsonl  # noqa: E402
+from oasst_trees import Tree, best_path_conversations, filter_messages, flatten_trees  # noqa: E402
 
 OASST1_TRAIN_ROWS = 84_437
 

@@ -7,14 +7,13 @@ import pytest
 
 from data_utils import (
     DataError,
-    best_reply,
-    flatten_trees,
     format_text,
     load_conversations,
     read_jsonl,
     split_by_tree,
     to_training_records,
 )
+from oasst_trees import best_reply, flatten_trees
 
 
 @pytest.fixture(scope="module")
