@@ -105,7 +105,9 @@ def load_chat_model(
     tokenizer = load_tokenizer(str(adapter_dir) if has_tokenizer else base)
     model = load_model(ModelArguments(model_name_or_path=base, attn_implementation=attn_implementation), quant_args)
     if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, adapter_dir)
+        # LoRA in the base's compute dtype; peft's default upcasts bf16/fp16 LoRA weights to float32 (twice their
+        # memory, and the LoRA matmuls in float32).
+        model = PeftModel.from_pretrained(model, adapter_dir, autocast_adapter_dtype=False)
     model.eval()
     return model, tokenizer
 
