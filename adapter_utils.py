@@ -85,8 +85,10 @@ def load_chat_model(
     base: str | None = None,
     quant_args: QuantizationArguments | None = None,
     attn_implementation: str = "sdpa",
+    float32_adapter: bool = False,
 ):
-    """Base model (+ LoRA adapter unless `adapter` is None) and the tokenizer, ready for generation."""
+    """Base model (+ LoRA adapter unless `adapter` is None) and the tokenizer, ready for generation. The LoRA weights
+    run in the base's compute dtype, or in float32 with `float32_adapter` (peft's default, which merging wants)."""
     from peft import PeftConfig, PeftModel
 
     quant_args = quant_args or QuantizationArguments()
@@ -105,9 +107,9 @@ def load_chat_model(
     tokenizer = load_tokenizer(str(adapter_dir) if has_tokenizer else base)
     model = load_model(ModelArguments(model_name_or_path=base, attn_implementation=attn_implementation), quant_args)
     if adapter_dir is not None:
-        # LoRA in the base's compute dtype; peft's default upcasts bf16/fp16 LoRA weights to float32 (twice their
-        # memory, and the LoRA matmuls in float32).
-        model = PeftModel.from_pretrained(model, adapter_dir, autocast_adapter_dtype=False)
+        # peft's default upcasts bf16/fp16 LoRA weights to float32: twice their memory, and the LoRA matmuls in
+        # float32, for generation that gains nothing from it.
+        model = PeftModel.from_pretrained(model, adapter_dir, autocast_adapter_dtype=float32_adapter)
     model.eval()
     return model, tokenizer
 
@@ -118,7 +120,7 @@ def merge_adapter(adapter: str | Path, out_dir: str | Path, base: str | None = N
     The base is loaded unquantized in `dtype`: LoRA's update cannot be folded exactly into 4-bit weights, so the
     merged model is the 16-bit base plus the adapter (what the adapter computes on a 16-bit base)."""
     model, tokenizer = load_chat_model(
-        adapter, base, QuantizationArguments(load_in_4bit=False, bnb_4bit_compute_dtype=dtype)
+        adapter, base, QuantizationArguments(load_in_4bit=False, bnb_4bit_compute_dtype=dtype), float32_adapter=True
     )
     merged = model.merge_and_unload()
     # generate() on the merged folder stops at the template's end of turn, and batches pad with the same id.

@@ -190,3 +190,12 @@ def test_a_run_stops_at_the_first_nonfinite_loss_and_keeps_the_last_good_checkpo
     assert state["global_step"] == 2 and all(math.isfinite(e["loss"]) for e in state["log_history"] if "loss" in e)
     # Not a finished run: no final adapter and no run_config.yaml, so --resume or --overwrite is what comes next.
     assert not (out / "adapter_model.safetensors").exists() and not (out / "run_config.yaml").exists()
+
+
+def test_the_adapter_runs_in_the_base_compute_dtype_and_merging_loads_it_in_float32(yes_adapter):
+    from adapter_utils import load_chat_model
+
+    bf16 = QuantizationArguments(bnb_4bit_compute_dtype="bfloat16")  # the report's 4-bit base on a bf16 GPU
+    for float32_adapter, dtype in ((False, torch.bfloat16), (True, torch.float32)):
+        model, _ = load_chat_model(yes_adapter, quant_args=bf16, float32_adapter=float32_adapter)
+        assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {dtype}
