@@ -91,7 +91,7 @@ class TrainingConfig(SFTConfig):
     logging_steps: float = field(default=10, metadata={"help": "Log the loss every N steps."})
     logging_nan_inf_filter: bool = field(
         default=False,
-        metadata={"help": "Log a nan/inf loss as the average of earlier ones (off: it shows, and stops the run)."},
+        metadata={"help": "Log a nan/inf loss as the mean of earlier ones (off: as nan); the run stops on it anyway."},
     )
     report_to: None | str | list[str] = field(
         default="tensorboard", metadata={"help": "Where training logs go: tensorboard, wandb, trackio or none."}
