@@ -94,8 +94,10 @@ def load_chat_model(
     base: str | None = None,
     quant_args: QuantizationArguments | None = None,
     attn_implementation: str = "sdpa",
+    float32_adapter: bool = False,
 ):
-    """Base model (+ LoRA adapter unless `adapter` is None) and the tokenizer, ready for generation."""
+    """Base model (+ LoRA adapter unless `adapter` is None) and the tokenizer, ready for generation. The LoRA weights
+    run in the base's compute dtype, or in float32 with `float32_adapter` (peft's default, which merging wants)."""
     from peft import PeftConfig
 
     quant_args = quant_args or QuantizationArguments()
@@ -120,18 +122,20 @@ def load_chat_model(
     tokenizer = load_tokenizer(str(adapter_dir) if has_tokenizer else base)
     model = load_model(ModelArguments(model_name_or_path=base, attn_implementation=attn_implementation), quant_args)
     if adapter_dir is not None:
-        model = load_adapter(model, adapter_dir, base)
+        model = load_adapter(model, adapter_dir, base, float32_adapter)
     model.eval()
     return model, tokenizer
 
 
-def load_adapter(model, adapter_dir: Path, base: str):
-    """PeftModel on `model`; an adapter that does not fit the base, or whose settings peft refuses, in one line."""
+def load_adapter(model, adapter_dir: Path, base: str, float32_adapter: bool = False):
+    """PeftModel on `model`; an adapter that does not fit the base, or whose settings peft refuses, in one line.
+    peft's default upcasts bf16/fp16 LoRA weights to float32 (twice their memory, and the LoRA matmuls in float32),
+    which generation gains nothing from; merging asks for it (`float32_adapter`) to fold exactly."""
     from peft import PeftModel
     from safetensors import SafetensorError
 
     try:
-        return PeftModel.from_pretrained(model, adapter_dir)
+        return PeftModel.from_pretrained(model, adapter_dir, autocast_adapter_dtype=float32_adapter)
     except (KeyError, TypeError, ValueError, SafetensorError) as e:  # peft's NoMatchingPeftModuleError: a ValueError
         raise ModelError(
             f"cannot load the adapter in {adapter_dir} on {base} ({type(e).__name__}: {first_line(e)}): its "
@@ -181,7 +185,7 @@ def merge_adapter(adapter: str | Path, out_dir: str | Path, base: str | None = N
     The base is loaded unquantized in `dtype`: LoRA's update cannot be folded exactly into 4-bit weights, so the
     merged model is the 16-bit base plus the adapter (what the adapter computes on a 16-bit base)."""
     model, tokenizer = load_chat_model(
-        adapter, base, QuantizationArguments(load_in_4bit=False, bnb_4bit_compute_dtype=dtype)
+        adapter, base, QuantizationArguments(load_in_4bit=False, bnb_4bit_compute_dtype=dtype), float32_adapter=True
     )
     merged = model.merge_and_unload()
     documented = Path(adapter) / GENERATION_CONFIG  # the decoding settings the adapter's report measured

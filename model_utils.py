@@ -196,9 +196,14 @@ def is_main_process() -> bool:
 
 
 def device_map() -> dict[str, int | str]:
-    """bitsandbytes needs the whole model on one device; under torchrun each process takes its own GPU."""
+    """bitsandbytes needs the whole model on one device: the GPU accelerate gives this process. Under torchrun or
+    accelerate launch that is the local rank modulo the GPUs the process sees, so a launch that shows each process
+    only its own GPU (SLURM --gpus-per-task=1: LOCAL_RANK 3, one GPU, cuda:0) works as well as one that shows all."""
     if torch.cuda.is_available():
-        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+        from accelerate import PartialState
+
+        device = PartialState().device  # the Trainer's accelerator uses this same (shared) state
+        return {"": device.index if device.index is not None else torch.cuda.current_device()}
     return {"": "cpu"}
 
 
@@ -210,7 +215,9 @@ def context_length(model) -> int:
 def describe_hardware(processes: int = 1) -> str:
     """The device this process runs on; with several processes (torchrun, accelerate), how many."""
     if torch.cuda.is_available():
-        gpu = f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)"
+        device = torch.cuda.current_device()
+        memory = torch.cuda.get_device_properties(device).total_memory / 2**30
+        gpu = f"{torch.cuda.get_device_name(device)} ({memory:.0f} GiB)"
         return gpu if processes == 1 else f"{processes} x {gpu}"
     cpu = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     return cpu if processes == 1 else f"{processes} processes on {cpu}"

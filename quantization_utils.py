@@ -1,7 +1,9 @@
 """4-bit nf4 quantization of the frozen base (the "Q" in QLoRA), and the one place that decides precision.
 
-`compute_dtype` (what the matmuls run in) and `training_precision` (the Trainer's bf16/fp16 flags, and the optimizer
-fallback on CPU) both follow from the same facts about the device, decided here and nowhere else.
+The decision is a pure function of the device (`device_precision(kind, capability)`): bf16 on GPUs that compute in it
+natively (compute capability 8.0 and up: A100, L4, RTX 30xx and newer), fp16 on older GPUs (T4, V100), float32 on
+CPU. `compute_dtype` (what the matmuls run in) and `training_precision` (the Trainer's bf16/fp16 flags, and the
+optimizer fallbacks) both follow from it, here and nowhere else.
 """
 
 import functools
@@ -16,43 +18,75 @@ from workarounds import cpu_has_bf16
 
 logger = logging.getLogger(__name__)
 
-# Optimizers that bitsandbytes runs on CUDA only (paged memory, 8-bit states).
-CUDA_ONLY_OPTIMIZERS = ("paged", "bnb", "8bit")
+# Optimizers from bitsandbytes: CUDA only (paged memory, 8-bit states), and their paged states are CPU tensors over
+# CUDA managed memory (torch.frombuffer), which FSDP's optimizer-state gathering does not handle.
+BNB_OPTIMIZERS = ("paged", "bnb", "8bit")
+# The first compute capability with bf16 tensor cores (Ampere). Older GPUs run bf16 only emulated, which is why
+# torch.cuda.is_bf16_supported() (it counts emulation) answers yes on a T4 and is not asked here.
+NATIVE_BF16_CAPABILITY = (8, 0)
+FP16_WARNING = (
+    "This GPU (compute capability {major}.{minor}) has no native bf16: computing in float16, which can overflow in "
+    "Phi-2's attention. A run stops at the first nan or inf loss and says what to do."
+)
+
+
+def device_precision(kind: str, capability: tuple[int, int] | None = None) -> tuple[torch.dtype, str | None]:
+    """The dtype to compute in on a device of this kind ("cuda", "cpu") and compute capability, and the warning that
+    comes with it when it is a compromise (None when it is not)."""
+    if kind != "cuda":
+        return torch.float32, None  # bf16 matmuls are slow or emulated on most CPUs; float32 is exact and fast enough
+    if tuple(capability) >= NATIVE_BF16_CAPABILITY:
+        return torch.bfloat16, None  # bf16 has fp32's range: Phi-2 overflows in fp16
+    major, minor = capability
+    return torch.float16, FP16_WARNING.format(major=major, minor=minor)
+
+
+def mixed_precision(native: torch.dtype, bf16: bool | None, fp16: bool | None) -> tuple[bool, bool]:
+    """The Trainer's (bf16, fp16) on a GPU whose native dtype is `native`, from what the user asked (None: decide).
+    Asking for one turns the other's default off; asking for neither (--bf16 false --fp16 false) trains in float32."""
+    if bf16 is None:
+        bf16 = native == torch.bfloat16 and not fp16
+    if fp16 is None:
+        fp16 = native == torch.float16 and not bf16
+    return bool(bf16), bool(fp16)
 
 
 @functools.cache
-def gpu_has_bf16() -> bool:
-    """Whether the GPU computes in bf16; says once, when it does not, that fp16 takes its place."""
-    if torch.cuda.is_bf16_supported():
-        return True
-    logger.warning(
-        "This GPU has no bf16 (e.g. a T4): computing in float16, which can overflow in Phi-2's attention; watch for a "
-        "nan loss."
-    )
-    return False
+def this_device_precision() -> torch.dtype:
+    """`device_precision` for this process's device; its warning is logged once."""
+    if torch.cuda.is_available():
+        dtype, warning = device_precision("cuda", torch.cuda.get_device_capability(torch.cuda.current_device()))
+    else:
+        dtype, warning = device_precision("cpu")
+    if warning:
+        logger.warning(warning)
+    return dtype
 
 
 def compute_dtype(args: QuantizationArguments) -> torch.dtype:
     """The dtype the dequantized matmuls (and the unquantized layers) run in, chosen for the device when 'auto'."""
     if args.bnb_4bit_compute_dtype != "auto":
         return getattr(torch, args.bnb_4bit_compute_dtype)
-    if not torch.cuda.is_available():
-        return torch.float32  # bf16 matmuls are slow or emulated on most CPUs; float32 is exact and fast enough
-    return torch.bfloat16 if gpu_has_bf16() else torch.float16  # bf16 has fp32's range: Phi-2 overflows in fp16
+    return this_device_precision()
 
 
-def training_precision(bf16: bool | None, fp16: bool, optim: str) -> tuple[bool, bool, str]:
-    """The Trainer's (bf16, fp16, optim) on this device, from what the user asked (bf16 None: decide)."""
+def training_precision(bf16: bool | None, fp16: bool | None, optim: str) -> tuple[bool, bool, str]:
+    """The Trainer's (bf16, fp16, optim) on this device and launch, from what the user asked (None: decide)."""
+    if fsdp_enabled() and any(name in optim for name in BNB_OPTIMIZERS):
+        # PEFT's FSDP guide: paged 8-bit AdamW fails when FSDP-QLoRA saves a checkpoint; the paged 32-bit one keeps
+        # its states in the same managed-memory tensors.
+        logger.warning("--optim %s does not work under FSDP: using adamw_torch.", optim)
+        optim = "adamw_torch"
     if torch.cuda.is_available():
-        if bf16 is None and not fp16:
-            bf16 = gpu_has_bf16()
-            fp16 = not bf16
-        return bool(bf16), fp16, optim
+        native = this_device_precision()
+        if bf16 and native != torch.bfloat16:
+            logger.warning("--bf16 true on a GPU without native bf16: it is emulated, and slow.")
+        return (*mixed_precision(native, bf16, fp16), optim)
     # CPU: float32 by default; bf16 only when asked for and the CPU has bf16 instructions, where it is faster.
     cpu_bf16 = bool(bf16) and cpu_has_bf16()
     if (bf16 and not cpu_bf16) or fp16:
         logger.warning("No CUDA GPU: mixed precision is off, training in float32 on CPU.")
-    if any(name in optim for name in CUDA_ONLY_OPTIMIZERS):
+    if any(name in optim for name in BNB_OPTIMIZERS):
         logger.warning("--optim %s needs CUDA: using adamw_torch on CPU.", optim)
         optim = "adamw_torch"
     return cpu_bf16, False, optim

@@ -36,6 +36,13 @@ from data_utils import HUB_DATASET, HUMAN, Conversations
 logger = logging.getLogger(__name__)
 
 
+# The report's batches are bounded in tokens, not rows, so that they fit a 15 GB T4 next to Phi-2 (README, "GPUs
+# and precision", has the arithmetic): a generate call holds the KV cache of every prompt and reply token in it, a
+# loss forward the logits (a vocabulary's worth of them) of every token in it.
+GENERATION_BATCH_TOKENS = 16384
+LOSS_BATCH_TOKENS = 2048
+
+
 @dataclass
 class ReportFolderArguments:
     model_dir: str = field(default="model", metadata={"help": "A training output folder (with run_config.yaml)."})
@@ -59,9 +66,17 @@ def loss_labels(tokenizer, messages: list[dict], loss_on: str, max_length: int |
 
 
 @torch.inference_mode()
-def assistant_token_loss(model, tokenizer, conversations: Conversations, max_length: int | None, batch_size: int = 4):
-    """Mean negative log-likelihood per assistant token over all held-out conversations, and the token count."""
-    rows = [loss_labels(tokenizer, e["messages"], conversations.loss_on, max_length) for e in conversations.examples]
+def assistant_token_loss(
+    model, tokenizer, conversations: Conversations, max_length: int | None, batch_tokens: int = LOSS_BATCH_TOKENS
+):
+    """Mean negative log-likelihood per assistant token over all held-out conversations, and the token count.
+    Conversations are cut at max_length (as in training) and at the model's context; batches hold at most
+    `batch_tokens` tokens (one row at least)."""
+    from model_utils import context_length
+
+    limit = min(max_length or context_length(model), context_length(model))
+    rows = [loss_labels(tokenizer, e["messages"], conversations.loss_on, limit) for e in conversations.examples]
+    batch_size = max(1, batch_tokens // max(len(ids) for ids, _ in rows))
     total, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
@@ -71,23 +86,26 @@ def assistant_token_loss(model, tokenizer, conversations: Conversations, max_len
         attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch])
         logits = model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device)).logits
         shifted = labels[:, 1:].to(logits.device)
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), reduction="sum"
-        )
+        trained = shifted != -100  # float32 logits for these tokens only, not for every position of the batch
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1][trained].float(), shifted[trained], reduction="sum")
         total += nll.item()
-        count += int((shifted != -100).sum())
+        count += int(trained.sum())
     return total / max(count, 1), count
 
 
 def generate_replies(model, tokenizer, prompts, max_new_tokens: int, repetition_penalty: float = 1.0, **per_row):
-    """Greedy replies, batched (generation_utils.generate_replies), each marked clean when it stopped at EOS
-    without inventing a "### Human:" turn. `per_row`: `adapter_names` for PEFT models."""
+    """Greedy replies, batched (generation_utils.generate_replies) at most GENERATION_BATCH_TOKENS prompt and reply
+    tokens a batch, each marked clean when it stopped at EOS without inventing a "### Human:" turn. `per_row`:
+    `adapter_names` for PEFT models."""
     from generation_utils import generate_replies as batched
+    from generation_utils import prompt_length
 
+    longest = max(prompt_length(tokenizer, p) for p in prompts) + max_new_tokens
     greedy = GenerationArguments(max_new_tokens=max_new_tokens, temperature=0, repetition_penalty=repetition_penalty)
+    batch_size = max(1, GENERATION_BATCH_TOKENS // longest)
     # A reply that invents a "### Human:" turn is unclean whatever follows: its row stops there, not at the budget.
     results = batched(
-        model, tokenizer, prompts, greedy, batch_size=32, stop_strings=[HUMAN], count_tokens=True, **per_row
+        model, tokenizer, prompts, greedy, batch_size=batch_size, stop_strings=[HUMAN], count_tokens=True, **per_row
     )
     return [{**r, "clean": r["stopped"] and HUMAN not in r["reply"]} for r in results]
 
@@ -130,9 +148,14 @@ def figures(model, tokenizer, held_out: Conversations, report_args, max_length: 
     """Loss and perplexity, with the adapter off (base) and on (tuned); clean-stop rates under plain greedy decoding
     and under the run's documented settings (--report_repetition_penalty). "base" and "tuned" hold the headline
     figures (the documented settings); "greedy" the plain-greedy ones."""
-    # Each held-out conversation's opening question, once per question.
+    from generation_utils import prompt_length
+    from model_utils import context_length
+
+    # Each held-out conversation's opening question, once per question, where the question and a reply of the full
+    # budget fit the model's context.
+    room = context_length(model) - report_args.report_max_new_tokens
     openings = {e["messages"][0]["content"]: e["messages"][:1] for e in held_out.examples}
-    prompts = list(openings.values())[: report_args.report_prompts]
+    prompts = [p for p in openings.values() if prompt_length(tokenizer, p) <= room][: report_args.report_prompts]
     result = losses(model, tokenizer, held_out, max_length)
     logger.info("Base and tuned replies to %d held-out prompts...", len(prompts))
     penalty = report_args.report_repetition_penalty

@@ -46,7 +46,13 @@ def train(args: list[str] | None):
     from adapter_utils import build_lora_config
     from data_utils import load_train_and_eval, prepare_examples, to_training_records
     from model_utils import describe_hardware, is_main_process, load_model, load_tokenizer
-    from trainer_utils import build_trainer, global_batch_message, stop_on_signal
+    from trainer_utils import (
+        build_trainer,
+        global_batch_message,
+        nonfinite_loss_message,
+        release_training_state,
+        stop_on_signal,
+    )
 
     if not is_main_process():  # under torchrun/accelerate launch the main process speaks for all
         logging.getLogger().setLevel(logging.WARNING)
@@ -76,6 +82,7 @@ def train(args: list[str] | None):
         eval_dataset=Dataset.from_list(to_training_records(eval_data)) if eval_data else None,
         peft_config=build_lora_config(lora_args, model.config.model_type),
     )
+    del model  # the trainer holds it now, and lets go of it before the report (step 6)
     if is_main_process():
         trainer.model.print_trainable_parameters()
         logger.info(global_batch_message(trainer))
@@ -87,6 +94,10 @@ def train(args: list[str] | None):
         checkpoint_utils.remove_incomplete_checkpoints(output_dir, resume_from)
     with stop_on_signal(trainer) as stop:
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if trainer.nonfinite_loss.step is not None:  # nothing of that step was saved: the last checkpoint is good
+        if is_main_process():
+            fail(nonfinite_loss_message(training_args, trainer.nonfinite_loss.step), code=1)
+        raise SystemExit(1)
     if stop.signal_name:
         command = [arg for arg in [sys.argv[0], *(sys.argv[1:] if args is None else args)] if arg != "--overwrite"]
         logger.log(
@@ -119,14 +130,16 @@ def train(args: list[str] | None):
     trainer.accelerator.wait_for_everyone()  # every process returns with the output folder complete
 
     # 6. Report: base vs tuned on the held-out data -> eval.json, loss.png, README.md (a model card). One process
-    # writes it; the others are done (waiting would only hold their devices).
+    # writes it; the others are done (waiting would only hold their devices). It loads the base again with the saved
+    # adapter (the figures are what users get), after training has let go of its model and optimizer.
     if report_args.final_report and (eval_data or data_args.test_fraction) and is_main_process():
         import report
 
         if trainer.is_fsdp_enabled:  # the report loads the whole base on one device, which FSDP was used to avoid
             logger.info("FSDP: no report here; run `python report.py --model_dir %s` on one GPU.", output_dir)
         else:
-            report.main(["--model_dir", output_dir])  # reloads the saved adapter: the figures are what users get
+            release_training_state(trainer)
+            report.main(["--model_dir", output_dir])
     return trainer, result
 
 

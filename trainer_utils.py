@@ -10,6 +10,7 @@ that cost is in BENCHMARKS.md.
 """
 
 import contextlib
+import gc
 import logging
 import math
 import signal
@@ -92,7 +93,11 @@ class TrainingConfig(SFTConfig):
         default=True, metadata={"help": "Train on assistant tokens (and their EOS) only, not on the human turns."}
     )
     bf16: bool | None = field(
-        default=None, metadata={"help": "bf16 mixed precision; default: on where the GPU has it, off on CPU."}
+        default=None, metadata={"help": "bf16 mixed precision; default: on GPUs with native bf16 (sm_80+), else off."}
+    )
+    fp16: bool | None = field(
+        default=None,
+        metadata={"help": "fp16 mixed precision; default: on GPUs without native bf16 (T4, V100), off elsewhere."},
     )
     save_steps: float = field(
         default=100, metadata={"help": "Save a checkpoint every N steps (below 1: that share of all steps)."}
@@ -102,6 +107,10 @@ class TrainingConfig(SFTConfig):
     )
     logging_steps: float = field(
         default=10, metadata={"help": "Log the loss every N steps (below 1: that share of all steps)."}
+    )
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={"help": "Log a nan/inf loss as the mean of earlier ones (off: as nan); the run stops on it anyway."},
     )
     report_to: None | str | list[str] = field(
         default="tensorboard", metadata={"help": "Where training logs go: tensorboard, wandb, trackio or none."}
@@ -122,6 +131,11 @@ class TrainingConfig(SFTConfig):
             self.activation_checkpointing = None
         self.check_ranges()
         self.bf16, self.fp16, self.optim = training_precision(self.bf16, self.fp16, self.optim)
+        no_kwargs = self.activation_checkpointing_kwargs is None and self.gradient_checkpointing_kwargs is None
+        if fsdp_enabled() and no_kwargs:
+            # PEFT's FSDP-QLoRA guide checkpoints reentrant: with FSDP1's flattened parameters (use_orig_params false)
+            # the non-reentrant recompute sees other tensor shapes than the forward (transformers issue 28499).
+            self.activation_checkpointing_kwargs = {"use_reentrant": True}
         if not torch.cuda.is_available():
             # The model is on the CPU (model_utils.device_map), so the Trainer must be too; under torchrun this is
             # also what makes accelerate train the processes together (gloo) rather than each on its own.
@@ -195,12 +209,20 @@ def parse_train_args(args: list[str] | None = None):
 def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset=None, peft_config=None):
     """TRL's SFTTrainer: it tokenizes with the chat template, masks everything but assistant turns (and their EOS)
     from the loss, packs the conversations (unless the model's attention would mix them), wraps the model in the
-    LoRA adapter and runs the loop."""
-    from peft import prepare_model_for_kbit_training
+    LoRA adapter and runs the loop. Its training steps report their loss to a `StopOnNonFiniteLoss` callback."""
     from trl import SFTTrainer
 
+    nonfinite = StopOnNonFiniteLoss()
+
     class QLoRATrainer(RestoreTrainableDtypesOnResume, SFTTrainer):
-        """SFTTrainer that resumes in the LoRA weights' own dtype (workarounds.py)."""
+        """SFTTrainer that resumes in the LoRA weights' own dtype (workarounds.py) and stops on a nan/inf loss."""
+
+        nonfinite_loss = nonfinite
+
+        def training_step(self, *args, **kwargs):
+            loss = super().training_step(*args, **kwargs)
+            nonfinite.observe(loss)
+            return loss
 
     if peft_config is not None:
         from adapter_utils import check_lora_targets
@@ -211,21 +233,59 @@ def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset=N
         keep_4bit_weights_trainable_on_cpu(model)  # before the packing check below runs the model without gradients
     fall_back_to_length_grouping_if_packing_leaks(model, training_args)
     if quantized and not fsdp_enabled():
-        # Norms and embeddings to float32 for stable training; TRL then makes the LoRA weights bf16 as in the paper.
         # Not under FSDP: it flattens each decoder layer into one tensor of one dtype, the 4-bit storage dtype.
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=training_args.activation_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    return QLoRATrainer(
+        keep_norms_in_float32(model)
+    trainer = QLoRATrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
+        callbacks=[nonfinite],
     )
+    if training_args.fp16:
+        keep_trainable_weights_in_float32(trainer.model)
+    return trainer
+
+
+def keep_norms_in_float32(model) -> None:
+    """Store the normalization layers' weights in float32, as peft's `prepare_model_for_kbit_training` does, and
+    nothing else: peft upcasts every parameter that is not 4-bit, which for Phi-2 includes the untied embedding and
+    output head (about 0.5 GB more; README, "GPUs and precision"). Everything is frozen here; get_peft_model then
+    makes the LoRA weights the only trainable ones, and the Trainer turns activation checkpointing on."""
+    for module in model.modules():
+        if "norm" in type(module).__name__.lower():
+            for param in module.parameters(recurse=False):
+                if param.dtype in (torch.float16, torch.bfloat16):
+                    param.data = param.data.float()
+    for param in model.parameters():
+        param.requires_grad = False
+
+
+def keep_trainable_weights_in_float32(model) -> None:
+    """fp16 mixed precision trains float32 master weights: the GradScaler unscales float32 gradients only.
+
+    TRL 1.16's SFTTrainer casts the LoRA weights of a 4-bit model to bf16 whatever the precision (right for bf16, as
+    the QLoRA paper trains); with --fp16 the first optimizer step would then fail in the GradScaler ("not implemented
+    for 'BFloat16'", TRL issue 4901). The optimizer does not exist yet, so casting back here is the whole fix, and
+    --resume keeps these dtypes (workarounds.RestoreTrainableDtypesOnResume)."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
+def release_training_state(trainer) -> None:
+    """Let go of the model, the optimizer and the scheduler (the trainer's, its callbacks' and accelerate's
+    references) and return their memory, so that what comes next (the report) loads its own model next to nothing
+    of training's. The trainer keeps its state: steps and log history."""
+    trainer.accelerator.free_memory()
+    trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
+    handler = trainer.callback_handler
+    handler.model = handler.optimizer = handler.lr_scheduler = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 @torch.no_grad()
@@ -327,6 +387,10 @@ def stop_on_signal(trainer):
     stopped the run. The previous handlers are back once the block ends."""
     callback = StopOnSignal()
     trainer.add_callback(callback)
+    # The stop on a nan/inf loss keeps the last word on saving: a signal in that same step must not save its state.
+    nonfinite = trainer.pop_callback(StopOnNonFiniteLoss)
+    if nonfinite is not None:
+        trainer.add_callback(nonfinite)
     previous = {signum: signal.signal(signum, callback.handle) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield callback
@@ -334,3 +398,65 @@ def stop_on_signal(trainer):
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         trainer.remove_callback(callback)
+
+
+class StopOnNonFiniteLoss(TrainerCallback):
+    """Stop at the end of the first optimizer step whose loss is nan or inf, without evaluating or saving that step:
+    the newest checkpoint on disk stays the last good one. Afterwards `step` is the step it stopped at (None: it did
+    not). The trainer's `training_step` reports each micro-batch's loss to `observe`.
+
+    fp16 overflow (Phi-2's attention on a T4) shows up this way; so does a learning rate far too high. Left running,
+    such a run only logs nan to the end, and its later checkpoints hold nan weights (or, under fp16, weights the
+    GradScaler stopped updating)."""
+
+    def __init__(self):
+        self.step: int | None = None
+        self.nonfinite: torch.Tensor | None = None  # on the device: read once per optimizer step, not per micro-batch
+
+    def observe(self, loss: torch.Tensor) -> None:
+        bad = ~torch.isfinite(loss.detach())
+        self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.nonfinite is None:
+            return control
+        stop = self.nonfinite.to(device=args.device, dtype=torch.int32)
+        self.nonfinite = None
+        if args.world_size > 1 and torch.distributed.is_initialized():
+            # Every process stops at the same step, or the others would wait forever in the next all-reduce.
+            torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
+        if stop.item():
+            self.step = state.global_step
+            control.should_training_stop = True
+        return self.keep_the_broken_state_out(control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        return self.keep_the_broken_state_out(control)
+
+    def keep_the_broken_state_out(self, control):
+        if self.step is not None:
+            control.should_save = control.should_evaluate = False
+        return control
+
+
+def nonfinite_loss_message(args, step: int) -> str:
+    """What went wrong at `step` of a run with these training arguments, where its last good checkpoint is, and what
+    to do: one line."""
+    from checkpoint_utils import latest_checkpoint
+
+    last = latest_checkpoint(args.output_dir)
+    if last is not None:
+        kept = f"{last} is the last good checkpoint (nothing of step {step} was saved)"
+        resume = "; then --resume continues from it"
+    else:
+        kept, resume = "no checkpoint was saved before it", ""
+    if args.fp16:
+        return (
+            f"the training loss became nan/inf at step {step}: float16 overflowed (Phi-2's activations can exceed its "
+            f"range); {kept}. Train on a GPU with bf16 (compute capability 8.0 or newer: A100, L4, RTX 30xx and "
+            f"newer), or compute in float32: --bnb_4bit_compute_dtype float32 --fp16 false (slower){resume}."
+        )
+    return (
+        f"the training loss became nan/inf at step {step}; {kept}. Lower --learning_rate (now {args.learning_rate:g}) "
+        f"and start again with --overwrite, or check the data."
+    )

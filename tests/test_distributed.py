@@ -222,3 +222,25 @@ def test_evaluate_leaves_the_report_to_the_main_process(monkeypatch, tmp_path, c
     monkeypatch.setenv("RANK", "1")  # what torchrun sets in the second process
     assert report.main(["--model_dir", str(tmp_path / "missing")]) is None  # no error, nothing read or written
     assert not (tmp_path / "missing").exists() and capsys.readouterr().err == ""
+
+
+def test_fsdp_qlora_defaults_switch_the_optimizer_and_checkpoint_reentrant(monkeypatch, caplog):
+    """Under accelerate's FSDP variables: paged AdamW (the recipe's) gives way to adamw_torch, and activation
+    checkpointing is reentrant, as in PEFT's FSDP-QLoRA guide; without them, neither changes."""
+    import logging
+
+    from trainer_utils import parse_train_args
+
+    recipe = ["--config", str(ROOT / "configs" / "phi2_oasst1.yaml")]
+    *_, plain = parse_train_args(recipe)
+    assert plain.activation_checkpointing_kwargs is None  # transformers' default: non-reentrant
+    for name, value in accelerate_env(ACCELERATE_CONFIGS / "fsdp_qlora.yaml").items():
+        if name.startswith(("ACCELERATE_", "FSDP_")):
+            monkeypatch.setenv(name, value)
+    with caplog.at_level(logging.WARNING):
+        *_, fsdp = parse_train_args(recipe)
+    assert fsdp.optim == "adamw_torch" and fsdp.activation_checkpointing
+    assert fsdp.activation_checkpointing_kwargs == {"use_reentrant": True}
+    assert "--optim paged_adamw_32bit does not work under FSDP: using adamw_torch." in caplog.messages
+    *_, chosen = parse_train_args([*recipe, "--activation_checkpointing_kwargs", '{"use_reentrant": false}'])
+    assert chosen.activation_checkpointing_kwargs == {"use_reentrant": False}  # a user's choice stays

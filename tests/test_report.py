@@ -195,3 +195,40 @@ def test_the_report_module_does_not_shadow_the_evaluate_package():
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
     origin = result.stdout.strip()
     assert result.returncode == 0 and (origin == "None" or not origin.startswith(str(root))), origin
+
+
+def test_training_lets_go_of_its_model_and_optimizer_before_the_report_loads_its_own(tiny_phi, tmp_path, monkeypatch):
+    import gc
+    import weakref
+
+    import adapter_utils
+    import train
+    import trainer_utils
+
+    conversations = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for q, a in (("Is water wet?", "Yes."), ("Do cats purr?", "Yes, they do."), ("Is ice cold?", "Yes."))
+    ]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(c) + "\n" for c in conversations))
+    training = {}
+
+    def build_trainer(*args, **kwargs):  # train.py's own builder, watched: the model and a weight the optimizer holds
+        trainer = build_trainer.real(*args, **kwargs)
+        training["model"] = weakref.ref(trainer.model)
+        training["lora"] = weakref.ref(next(p for p in trainer.model.parameters() if p.requires_grad))
+        return trainer
+
+    def load_chat_model(*args, **kwargs):
+        gc.collect()
+        training["alive when the report loads"] = [name for name, ref in training.items() if ref() is not None]
+        return load_chat_model.real(*args, **kwargs)
+
+    build_trainer.real, load_chat_model.real = trainer_utils.build_trainer, adapter_utils.load_chat_model
+    monkeypatch.setattr(trainer_utils, "build_trainer", build_trainer)
+    monkeypatch.setattr(adapter_utils, "load_chat_model", load_chat_model)
+    args = ["--model", str(tiny_phi), "--dataset", str(data), "--eval_dataset", str(data), "--max_steps", "1"]
+    args += ["--lora_r", "4", "--report_to", "none", "--report_prompts", "2", "--report_max_new_tokens", "4"]
+    trainer, _ = train.main([*args, "--output_dir", str(tmp_path / "model"), "--save_steps", "1000"])
+    assert training["alive when the report loads"] == []
+    assert (tmp_path / "model" / "eval.json").is_file() and trainer.state.global_step == 1
