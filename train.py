@@ -15,8 +15,6 @@ that resumes.
 """
 
 import logging
-import shlex
-import signal
 import sys
 
 from cli_utils import fail, quiet_known_noise
@@ -48,8 +46,8 @@ def train(args: list[str] | None):
     from model_utils import describe_hardware, is_main_process, load_model, load_tokenizer
     from trainer_utils import (
         build_trainer,
+        exit_if_stopped,
         global_batch_message,
-        nonfinite_loss_message,
         release_training_state,
         stop_on_signal,
     )
@@ -94,21 +92,7 @@ def train(args: list[str] | None):
         checkpoint_utils.remove_incomplete_checkpoints(output_dir, resume_from)
     with stop_on_signal(trainer) as stop:
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    if trainer.nonfinite_loss.step is not None:  # nothing of that step was saved: the last checkpoint is good
-        if is_main_process():
-            fail(nonfinite_loss_message(training_args, trainer.nonfinite_loss.step), code=1)
-        raise SystemExit(1)
-    if stop.signal_name:
-        command = [arg for arg in [sys.argv[0], *(sys.argv[1:] if args is None else args)] if arg != "--overwrite"]
-        logger.log(
-            logging.WARNING if is_main_process() else logging.DEBUG,  # one message for all processes
-            "Stopped by %s at step %d; the checkpoint is saved in %s. Continue with:\n  python %s",
-            stop.signal_name,
-            trainer.state.global_step,
-            output_dir,
-            shlex.join([arg for arg in command if arg != "--resume"] + ["--resume"]),
-        )
-        raise SystemExit(128 + signal.Signals[stop.signal_name])
+    exit_if_stopped(trainer, stop, [sys.argv[0], *(sys.argv[1:] if args is None else args)])
 
     # 5. Save the adapter, the tokenizer with its chat template, the loss history, and every setting of this run.
     # Every process calls the Trainer's savers (they write on the main process; FSDP gathers weights from all).

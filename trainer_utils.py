@@ -460,3 +460,28 @@ def nonfinite_loss_message(args, step: int) -> str:
         f"the training loss became nan/inf at step {step}; {kept}. Lower --learning_rate (now {args.learning_rate:g}) "
         f"and start again with --overwrite, or check the data."
     )
+
+
+def exit_if_stopped(trainer, stop: StopOnSignal, command: list[str]) -> None:
+    """After trainer.train(): exit at a nan/inf loss (one line, code 1; nothing of that step was saved, so the last
+    checkpoint is good), or after Ctrl-C/SIGTERM (code 128 + the signal) with the command that resumes."""
+    import shlex
+
+    from cli_utils import fail
+    from model_utils import is_main_process
+
+    if trainer.nonfinite_loss.step is not None:
+        if is_main_process():
+            fail(nonfinite_loss_message(trainer.args, trainer.nonfinite_loss.step), code=1)
+        raise SystemExit(1)
+    if stop.signal_name:
+        command = [arg for arg in command if arg not in ("--overwrite", "--resume")] + ["--resume"]
+        logger.log(
+            logging.WARNING if is_main_process() else logging.DEBUG,  # one message for all processes
+            "Stopped by %s at step %d; the checkpoint is saved in %s. Continue with:\n  python %s",
+            stop.signal_name,
+            trainer.state.global_step,
+            trainer.args.output_dir,
+            shlex.join(command),
+        )
+        raise SystemExit(128 + signal.Signals[stop.signal_name])
