@@ -219,9 +219,10 @@ def test_training_lets_go_of_its_model_and_optimizer_before_the_report_loads_its
         training["lora"] = weakref.ref(next(p for p in trainer.model.parameters() if p.requires_grad))
         return trainer
 
-    def load_chat_model(*args, **kwargs):
+    def load_chat_model(*args, **kwargs):  # the report loads the 4-bit base, then the unquantized one
         gc.collect()
-        training["alive when the report loads"] = [name for name, ref in training.items() if ref() is not None]
+        alive = [name for name in ("model", "lora") if training[name]() is not None]
+        training.setdefault("alive when the report loads", alive)  # the first load is the one that matters
         return load_chat_model.real(*args, **kwargs)
 
     build_trainer.real, load_chat_model.real = trainer_utils.build_trainer, adapter_utils.load_chat_model
