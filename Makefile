@@ -10,7 +10,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint install chromium clean gpu-wheels gpu-check gpu-rehearsal
+.PHONY: demo demo-page test lint install chromium clean gpu-wheels gpu-check gpu-rehearsal
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ install: $(VENV)/.installed
 
 demo: install
 	$(PY) demo.py
+
+# After `make demo`: the chat page's Compare tab, in headless Chromium, on the demo's held-out questions.
+demo-page: install chromium
+	$(PY) -m pytest tests/demo_page_check.py
 
 lint: install
 	$(VENV)/bin/ruff check .

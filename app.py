@@ -131,7 +131,8 @@ def build_ui(model, tokenizer, settings: PageSettings):
     max_reply = max(16, settings.context_length // 2)
 
     def stream(messages: list[dict], temperature: float, top_p: float, max_new_tokens: int, base: bool = False):
-        """Yield the reply as it grows; the oldest turns are left out when the conversation outgrows the context."""
+        """Yield the reply as it grows; the oldest turns are left out when the conversation outgrows the context.
+        Returns whether the reply ended with EOS (not at the token limit)."""
         args = GenerationArguments(
             max_new_tokens=int(max_new_tokens),
             temperature=float(temperature),
@@ -148,7 +149,7 @@ def build_ui(model, tokenizer, settings: PageSettings):
             gr.Warning(f"The conversation outgrew the context: the oldest {dropped} exchange(s) were left out.")
         with slots.hold(alone=base), model.disable_adapter() if base else contextlib.nullcontext():
             try:
-                yield from stream_reply(model, tokenizer, messages, args, timeout=settings.stream_timeout)
+                return (yield from stream_reply(model, tokenizer, messages, args, timeout=settings.stream_timeout))
             except TimeoutError as e:
                 raise gr.Error(f"The generation failed: {e} Please try again.") from None
 
@@ -166,7 +167,8 @@ def build_ui(model, tokenizer, settings: PageSettings):
     def chat(message, history, temperature, top_p, max_new_tokens):
         message = check_length(message)
         messages = [*to_messages(history), {"role": "user", "content": message}]
-        yield from stream(messages, temperature, top_p, max_new_tokens)
+        if not (yield from stream(messages, temperature, top_p, max_new_tokens)):
+            gr.Warning(cut_at_limit(max_new_tokens))
 
     def shown(messages: list[dict]) -> list[dict]:
         """Chatbot values with each text as a text part: Gradio re-indents plain strings (inspect.cleandoc), and
@@ -176,13 +178,23 @@ def build_ui(model, tokenizer, settings: PageSettings):
     def compare(message, base_history, tuned_history, temperature, top_p, max_new_tokens):
         user = {"role": "user", "content": check_length(message)}
         base_history, tuned_history = [*to_messages(base_history), user], [*to_messages(tuned_history), user]
-        yield "", shown(base_history), shown(tuned_history)
+        ended = {}
+
+        def answer(history: list[dict], side: str):
+            ended[side] = yield from stream(history, temperature, top_p, max_new_tokens, base=side == "Base")
+
+        yield "", shown(base_history), shown(tuned_history), ""
         reply = ""
-        for reply in stream(base_history, temperature, top_p, max_new_tokens, base=True):
-            yield "", shown([*base_history, {"role": "assistant", "content": reply}]), shown(tuned_history)
+        for reply in answer(base_history, "Base"):
+            yield "", shown([*base_history, {"role": "assistant", "content": reply}]), shown(tuned_history), ""
         base_history.append({"role": "assistant", "content": reply})
-        for reply in stream(tuned_history, temperature, top_p, max_new_tokens):
-            yield "", shown(base_history), shown([*tuned_history, {"role": "assistant", "content": reply}])
+        for reply in answer(tuned_history, "Tuned"):
+            yield "", shown(base_history), shown([*tuned_history, {"role": "assistant", "content": reply}]), ""
+        tuned_history.append({"role": "assistant", "content": reply})
+        status = " · ".join(
+            f"{side}: {'ended (EOS)' if done else cut_at_limit(max_new_tokens)}" for side, done in ended.items()
+        )
+        yield "", shown(base_history), shown(tuned_history), status
 
     with gr.Blocks(title="QLoRA chat", analytics_enabled=False, fill_height=True) as page:
         gr.Markdown(f"### {settings.title}")
@@ -215,17 +227,22 @@ def build_ui(model, tokenizer, settings: PageSettings):
                 with gr.Row():
                     base_chat = gr.Chatbot(label="Base model (adapter off)", height=420, elem_id="base-chat")
                     tuned_chat = gr.Chatbot(label="Tuned model", height=420, elem_id="tuned-chat")
+                status = gr.Markdown(elem_id="compare-status")  # did each reply end, or run into the limit?
                 box = gr.Textbox(label="Message", placeholder="One message, two answers", show_label=False)
                 with gr.Row():
                     send = gr.Button("Send", variant="primary")
                     stop = gr.Button("Stop", variant="stop")
                     clear = gr.Button("Clear")
                 gr.Examples(EXAMPLES, inputs=box)
-                inputs, outputs = [box, base_chat, tuned_chat, *sliders], [box, base_chat, tuned_chat]
+                inputs, outputs = [box, base_chat, tuned_chat, *sliders], [box, base_chat, tuned_chat, status]
                 sent = gr.on([send.click, box.submit], compare, inputs, outputs, api_name="compare")
                 stop.click(None, cancels=[sent])
-                clear.click(lambda: ("", [], []), None, outputs, api_visibility="private")
+                clear.click(lambda: ("", [], [], ""), None, outputs, api_visibility="private")
     return page
+
+
+def cut_at_limit(max_new_tokens) -> str:
+    return f"cut at the {int(max_new_tokens)}-token limit (raise Max new tokens to let it finish)"
 
 
 def parse_auth(value: str | None) -> tuple[str, str] | None:

@@ -33,10 +33,17 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> torc
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
 
 
+class Reply(str):
+    """A reply's text, with `ended`: it ended with EOS (not at the token budget or a stop), and `new_tokens`."""
+
+    ended: bool = False
+    new_tokens: int = 0
+
+
 @torch.inference_mode()
 def generate_reply(
     model, tokenizer, messages: list[dict], gen_args: GenerationArguments, streamer=None, stopping_criteria=None
-) -> str:
+) -> Reply:
     """The assistant's next reply: generation stops at EOS, and the reply is cut from the output by token position."""
     if gen_args.seed is not None:
         torch.manual_seed(gen_args.seed)
@@ -49,7 +56,10 @@ def generate_reply(
         streamer=streamer,
         stopping_criteria=stopping_criteria,
     )
-    return tokenizer.decode(output[0][inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    new = output[0][inputs["input_ids"].shape[1] :]
+    reply = Reply(tokenizer.decode(new, skip_special_tokens=True).strip())
+    reply.ended, reply.new_tokens = bool(len(new)) and new[-1].item() == tokenizer.eos_token_id, len(new)
+    return reply
 
 
 @torch.inference_mode()
@@ -117,7 +127,8 @@ class StopOnEvent:
 
 
 def stream_reply(model, tokenizer, messages: list[dict], gen_args: GenerationArguments, timeout: float = 120.0):
-    """Yield the reply as it grows (the whole text so far each time), generating in a background thread.
+    """Yield the reply as it grows (the whole text so far each time), generating in a background thread; return
+    whether it ended with EOS (`ended = yield from stream_reply(...)`).
 
     The streamer waits at most `timeout` seconds for each piece, so a generation that dies or stalls raises instead
     of hanging its caller; an error in the generation thread is raised here. Closing this generator (a page's stop
@@ -127,7 +138,7 @@ def stream_reply(model, tokenizer, messages: list[dict], gen_args: GenerationArg
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=timeout)
     stop = threading.Event()
     failure: list[BaseException] = []
-    final: list[str] = []
+    final: list[Reply] = []
 
     def generate():
         try:
@@ -158,6 +169,7 @@ def stream_reply(model, tokenizer, messages: list[dict], gen_args: GenerationArg
     # update is the reply decoded whole, as generate_reply returns it.
     if final and final[0] != shown:
         yield final[0]
+    return bool(final) and final[0].ended
 
 
 def history_that_fits(tokenizer, messages: list[dict], max_tokens: int) -> tuple[list[dict], int]:

@@ -36,10 +36,11 @@ from data_utils import HUB_DATASET, HUMAN, Conversations
 logger = logging.getLogger(__name__)
 
 
-# The report's batches are bounded in tokens, not rows, so that they fit a 15 GB T4 next to Phi-2 (README, "GPUs
-# and precision", has the arithmetic): a generate call holds the KV cache of every prompt and reply token in it, a
-# loss forward the logits (a vocabulary's worth of them) of every token in it.
-GENERATION_BATCH_TOKENS = 16384
+# The report's batches are bounded in memory, not rows, so that they fit a 15 GB T4 next to Phi-2 (README, "GPUs
+# and precision", has the arithmetic): a generate call holds the KV cache of every prompt and reply token in it (5 GiB:
+# 16,384 tokens of Phi-2 in fp16, all of a small model's rows at once), a loss forward the logits (a vocabulary's
+# worth of them) of every token in it.
+GENERATION_KV_CACHE_BYTES = 5 * 2**30
 LOSS_BATCH_TOKENS = 2048
 
 
@@ -93,16 +94,24 @@ def assistant_token_loss(
     return total / max(count, 1), count
 
 
+def kv_cache_bytes_per_token(model) -> int:
+    """The KV cache one token takes: keys and values of every layer, in the dtype the model computes in."""
+    config = model.config.get_text_config()
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * heads * head_dim * torch.finfo(model.dtype).bits // 8
+
+
 def generate_replies(model, tokenizer, prompts, max_new_tokens: int, repetition_penalty: float = 1.0, **per_row):
-    """Greedy replies, batched (generation_utils.generate_replies) at most GENERATION_BATCH_TOKENS prompt and reply
-    tokens a batch, each marked clean when it stopped at EOS without inventing a "### Human:" turn. `per_row`:
+    """Greedy replies, batched (generation_utils.generate_replies) within GENERATION_KV_CACHE_BYTES of KV cache a
+    batch, each marked clean when it stopped at EOS without inventing a "### Human:" turn. `per_row`:
     `adapter_names` for PEFT models."""
     from generation_utils import generate_replies as batched
     from generation_utils import prompt_length
 
     longest = max(prompt_length(tokenizer, p) for p in prompts) + max_new_tokens
     greedy = GenerationArguments(max_new_tokens=max_new_tokens, temperature=0, repetition_penalty=repetition_penalty)
-    batch_size = max(1, GENERATION_BATCH_TOKENS // longest)
+    batch_size = max(1, GENERATION_KV_CACHE_BYTES // (longest * kv_cache_bytes_per_token(model)))
     # A reply that invents a "### Human:" turn is unclean whatever follows: its row stops there, not at the budget.
     results = batched(
         model, tokenizer, prompts, greedy, batch_size=batch_size, stop_strings=[HUMAN], count_tokens=True, **per_row

@@ -244,7 +244,7 @@ def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset=N
         peft_config=peft_config,
         callbacks=[nonfinite],
     )
-    if training_args.fp16:
+    if not training_args.bf16:  # fp16, or float32 on CPU
         keep_trainable_weights_in_float32(trainer.model)
     return trainer
 
@@ -264,12 +264,14 @@ def keep_norms_in_float32(model) -> None:
 
 
 def keep_trainable_weights_in_float32(model) -> None:
-    """fp16 mixed precision trains float32 master weights: the GradScaler unscales float32 gradients only.
+    """Train float32 LoRA weights unless training in bf16.
 
     TRL 1.16's SFTTrainer casts the LoRA weights of a 4-bit model to bf16 whatever the precision (right for bf16, as
-    the QLoRA paper trains); with --fp16 the first optimizer step would then fail in the GradScaler ("not implemented
-    for 'BFloat16'", TRL issue 4901). The optimizer does not exist yet, so casting back here is the whole fix, and
-    --resume keeps these dtypes (workarounds.RestoreTrainableDtypesOnResume)."""
+    the QLoRA paper trains). With --fp16 the first optimizer step would then fail in the GradScaler, which unscales
+    float32 gradients only ("not implemented for 'BFloat16'", TRL issue 4901). In float32 (CPU) every LoRA matmul
+    would run in bf16, which a CPU without bf16 instructions emulates: the demo's steps took 15 s instead of 8.5 s
+    (BENCHMARKS.md), and the updates were rounded to bf16. The optimizer does not exist yet, so casting back here is
+    the whole fix, and --resume keeps these dtypes (workarounds.RestoreTrainableDtypesOnResume)."""
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "artifacts"  # screenshots of the browser tests (git-ignored)
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the Hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -124,6 +125,33 @@ def serve_app(args: list[str], log: Path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def chromium_path() -> str:
+    """Debian's Chromium, or $CHROMIUM; the browser tests drive it through Playwright."""
+    import shutil
+
+    path = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if path:
+        return path
+    message = (
+        "no Chromium for the browser test: apt-get install chromium (make test does it as root), or set $CHROMIUM"
+    )
+    if os.environ.get("CI"):
+        pytest.fail(message)  # in CI the set-up installs it: its absence is a broken set-up, not a skip
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        # Playwright's own browser download is not needed: the system Chromium speaks the same protocol.
+        # --no-sandbox: Chromium's sandbox refuses to start as root, which is how CI runs.
+        browser = playwright.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
+        yield browser
+        browser.close()
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 from adapter_utils import load_chat_model
-from app import AUTH_VARIABLE, GenerationSlots, message_text, parse_auth
+from app import AUTH_VARIABLE, GenerationSlots, cut_at_limit, message_text, parse_auth
 from config import GenerationArguments, QuantizationArguments
 from generation_utils import generate_reply
 
@@ -41,8 +41,8 @@ def test_two_turn_conversation_streams_the_tuned_replies(chat_server):
 
 def test_compare_answers_with_the_base_and_the_tuned_model_over_two_turns(chat_server, yes_adapter):
     client = Client(chat_server, verbose=False)
-    _, base, tuned = client.predict("Is the grass green?", [], [], *SLIDERS, api_name="/compare")
-    _, base, tuned = client.predict("And the sea?", base, tuned, *SLIDERS, api_name="/compare")
+    _, base, tuned, _ = client.predict("Is the grass green?", [], [], *SLIDERS, api_name="/compare")
+    _, base, tuned, status = client.predict("And the sea?", base, tuned, *SLIDERS, api_name="/compare")
 
     # The base side is the same model with the adapter off, and it saw its own first exchange.
     model, tokenizer = load_chat_model(yes_adapter, quant_args=QuantizationArguments(load_in_4bit=False))
@@ -65,6 +65,9 @@ def test_compare_answers_with_the_base_and_the_tuned_model_over_two_turns(chat_s
         ("assistant", "Yes."),
     ]
     assert first != "Yes."
+    # Under the chats, whether each reply ended with EOS or ran into the token limit.
+    base_end = "ended (EOS)" if second.ended else cut_at_limit(greedy.max_new_tokens)
+    assert status == f"Base: {base_end} · Tuned: ended (EOS)"
 
 
 def test_eight_concurrent_clients_all_get_answers(chat_server):

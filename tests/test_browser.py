@@ -4,38 +4,7 @@
 yourself or point $CHROMIUM at a Chromium/Chrome binary. Screenshots go to artifacts/ (git-ignored).
 """
 
-import os
-import shutil
-from pathlib import Path
-
-import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-ARTIFACTS = ROOT / "artifacts"
-
-
-def chromium_path() -> str:
-    path = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    if path:
-        return path
-    message = (
-        "no Chromium for the browser test: apt-get install chromium (make test does it as root), or set $CHROMIUM"
-    )
-    if os.environ.get("CI"):
-        pytest.fail(message)  # in CI the set-up installs it: its absence is a broken set-up, not a skip
-    pytest.skip(message)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        # Playwright's own browser download is not needed: the system Chromium speaks the same protocol.
-        # --no-sandbox: Chromium's sandbox refuses to start as root, which is how CI runs.
-        browser = playwright.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
-        yield browser
-        browser.close()
+from conftest import ARTIFACTS
 
 
 def test_a_message_typed_in_the_page_gets_the_streamed_reply(chat_server, browser):
@@ -58,6 +27,7 @@ def test_a_message_typed_in_the_page_gets_the_streamed_reply(chat_server, browse
     message.press("Enter")
     expect(page.locator("#tuned-chat .message.bot")).to_have_text("Yes.", timeout=60_000)
     expect(page.locator("#base-chat .message.user")).to_have_text("Is the sky blue?")
+    expect(page.locator("#compare-status")).to_contain_text("Tuned: ended (EOS)", timeout=60_000)
     base_reply = page.locator("#base-chat .message.bot").inner_text().strip()
     assert base_reply and base_reply != "Yes."  # the random base model says something else
     page.screenshot(path=ARTIFACTS / "compare_page.png")

@@ -73,8 +73,9 @@ def test_mixed_precision_flags_follow_the_device_unless_asked(native, asked, fla
     assert mixed_precision(native, *asked) == flags
 
 
-def tiny_trainer(tiny_phi, tokenizer, out: Path, fp16: bool, max_steps: int = 2, quant=None):
-    """build_trainer on the tiny 4-bit model, as train.py calls it, with --fp16 as a GPU run without bf16 has it."""
+def tiny_trainer(tiny_phi, tokenizer, out: Path, precision: str, max_steps: int = 2, quant=None):
+    """build_trainer on the tiny 4-bit model, as train.py calls it, with the mixed precision of a GPU run
+    ("bf16": an A100, "fp16": a T4) or none ("float32": a CPU run)."""
     args = TrainingConfig(
         output_dir=str(out),
         max_steps=max_steps,
@@ -86,8 +87,8 @@ def tiny_trainer(tiny_phi, tokenizer, out: Path, fp16: bool, max_steps: int = 2,
         report_to="none",
         seed=42,
     )
-    assert not args.fp16  # no CUDA here: TrainingConfig turned it off...
-    args.fp16 = fp16  # ...and a T4 run has it on (its accelerator then adds the GradScaler, which needs CUDA)
+    assert not args.fp16 and not args.bf16  # no CUDA here: TrainingConfig turned them off...
+    args.fp16, args.bf16 = precision == "fp16", precision == "bf16"  # ...and a GPU run has one of them on
     model = load_model(ModelArguments(model_name_or_path=str(tiny_phi)), quant or QuantizationArguments())
     lora = build_lora_config(LoraArguments(lora_r=4, lora_dropout=0.0), "phi")
     return build_trainer(model, tokenizer, args, Dataset.from_list(RECORDS), peft_config=lora)
@@ -97,19 +98,27 @@ def trainable_dtypes(trainer) -> set[torch.dtype]:
     return {p.dtype for p in trainer.model.parameters() if p.requires_grad}
 
 
+def test_lora_weights_are_bf16_only_when_training_in_bf16(tiny_phi, tokenizer, tmp_path):
+    # TRL makes the LoRA weights of a 4-bit model bf16 (the QLoRA paper's choice for bf16 training)...
+    assert trainable_dtypes(tiny_trainer(tiny_phi, tokenizer, tmp_path / "bf16", "bf16")) == {torch.bfloat16}
+    # ...and in float32 on CPU they stay float32: bf16 LoRA matmuls are emulated (slow) on most CPUs.
+    trainer = tiny_trainer(tiny_phi, tokenizer, tmp_path / "float32", "float32")
+    assert trainable_dtypes(trainer) == {torch.float32}
+    trainer.train()
+    assert trainable_dtypes(trainer) == {torch.float32}
+
+
 def test_fp16_trains_float32_master_weights_also_after_resume(tiny_phi, tokenizer, tmp_path):
-    # Without fp16, TRL makes the LoRA weights of a 4-bit model bf16 (the QLoRA paper's choice for bf16 training)...
-    assert trainable_dtypes(tiny_trainer(tiny_phi, tokenizer, tmp_path / "bf16", fp16=False)) == {torch.bfloat16}
-    # ...which the GradScaler of fp16 training cannot unscale: with fp16 they are float32.
+    # The GradScaler of fp16 training cannot unscale bf16 gradients: with fp16 the LoRA weights are float32.
     out = tmp_path / "fp16"
-    trainer = tiny_trainer(tiny_phi, tokenizer, out, fp16=True)
+    trainer = tiny_trainer(tiny_phi, tokenizer, out, "fp16")
     assert trainable_dtypes(trainer) == {torch.float32}
     trainer.train()
     assert trainable_dtypes(trainer) == {torch.float32}
     saved = load_file(out / "checkpoint-2" / "adapter_model.safetensors")
     assert {t.dtype for t in saved.values()} == {torch.float32}
 
-    resumed = tiny_trainer(tiny_phi, tokenizer, out, fp16=True, max_steps=3)
+    resumed = tiny_trainer(tiny_phi, tokenizer, out, "fp16", max_steps=3)
     resumed.train(resume_from_checkpoint=str(out / "checkpoint-2"))
     assert resumed.state.global_step == 3
     assert trainable_dtypes(resumed) == {torch.float32}
@@ -144,7 +153,7 @@ def test_only_the_norms_are_upcast_to_float32(tiny_phi, tokenizer, tmp_path):
     assert parameter_bytes(peft_prepared) - parameter_bytes(model) == 2 * upcast_elsewhere
 
     # Training runs on this mix (bf16 residual stream, float32 norms), here without autocast.
-    trainer = tiny_trainer(tiny_phi, tokenizer, tmp_path / "out", fp16=False, max_steps=1, quant=bf16)
+    trainer = tiny_trainer(tiny_phi, tokenizer, tmp_path / "out", "float32", max_steps=1, quant=bf16)
     assert trainer.model.base_model.model.model.final_layernorm.weight.dtype == torch.float32
     assert trainer.model.base_model.model.lm_head.weight.dtype == torch.bfloat16
     assert math.isfinite(trainer.train().training_loss)

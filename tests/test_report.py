@@ -233,3 +233,27 @@ def test_training_lets_go_of_its_model_and_optimizer_before_the_report_loads_its
     trainer, _ = train.main([*args, "--output_dir", str(tmp_path / "model"), "--save_steps", "1000"])
     assert training["alive when the report loads"] == []
     assert (tmp_path / "model" / "eval.json").is_file() and trainer.state.global_step == 1
+
+
+def test_generation_batches_are_bounded_by_the_kv_cache_they_hold(tiny_phi):
+    from transformers import AutoConfig
+
+    from report import GENERATION_KV_CACHE_BYTES, kv_cache_bytes_per_token
+
+    # What one token's keys and values take, measured on a real cache.
+    model = AutoModelForCausalLM.from_pretrained(tiny_phi)
+    cache = model(torch.tensor([[5, 6, 7, 8, 9]]), use_cache=True).past_key_values
+    held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    assert held == 5 * kv_cache_bytes_per_token(model)
+
+    # Phi-2 in fp16 (the README's arithmetic): 16,384 tokens a generate call; SmolLM2 in float32 (grouped-query
+    # attention, 3 key-value heads): the demo's 40 rows of prompt and 512-token reply in one call.
+    phi2 = AutoConfig.for_model("phi", num_hidden_layers=32, num_attention_heads=32, hidden_size=2560)
+    smollm2 = AutoConfig.for_model(
+        "llama", num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64, hidden_size=576
+    )
+    with torch.device("meta"):
+        phi2 = AutoModelForCausalLM.from_config(phi2, dtype=torch.float16)
+        smollm2 = AutoModelForCausalLM.from_config(smollm2, dtype=torch.float32)
+    assert kv_cache_bytes_per_token(phi2) == 327_680 and GENERATION_KV_CACHE_BYTES // 327_680 == 16_384
+    assert kv_cache_bytes_per_token(smollm2) == 46_080 and GENERATION_KV_CACHE_BYTES // (46_080 * 600) >= 40
