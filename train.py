@@ -43,7 +43,7 @@ def train(args: list[str] | None):
     import checkpoint_utils
     from adapter_utils import build_lora_config
     from data_utils import load_train_and_eval, prepare_examples, to_training_records
-    from model_utils import describe_hardware, is_main_process, load_model, load_tokenizer
+    from model_utils import describe_hardware, is_main_process, load_model, load_tokenizer, save_tokenizer
     from trainer_utils import (
         build_trainer,
         exit_if_stopped,
@@ -94,7 +94,8 @@ def train(args: list[str] | None):
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     exit_if_stopped(trainer, stop, [sys.argv[0], *(sys.argv[1:] if args is None else args)])
 
-    # 5. Save the adapter, the tokenizer with its chat template, the loss history, and every setting of this run.
+    # 5. Save the adapter, the tokenizer with the portable chat template (over the Trainer's copy, which has the
+    # training one, as checkpoints keep it: they are for --resume), the loss history, and every setting of this run.
     # Every process calls the Trainer's savers (they write on the main process; FSDP gathers weights from all).
     trainer.save_model(output_dir)
     trainer.save_state()
@@ -107,7 +108,7 @@ def train(args: list[str] | None):
     }
     trainer.save_metrics("train", metrics, combined=False)
     if is_main_process():
-        tokenizer.save_pretrained(output_dir)
+        save_tokenizer(tokenizer, output_dir)
         settings = (model_args, quant_args, lora_args, data_args, report_args)
         checkpoint_utils.write_run_config(output_dir, run_settings(*settings, training_args))
         logger.info("Saved the adapter to %s (train loss %.4f).", output_dir, result.training_loss)
