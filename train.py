@@ -8,9 +8,10 @@
     python train.py --help                                   # every setting, with its reason
 
 Writes to --output_dir (model/ by default): checkpoint-N/ folders while training, then the final LoRA adapter, the
-tokenizer with its chat template, run_config.yaml last (every setting of this run; pass it back with --config), and
-the report (report.py). A finished run is never trained over without --overwrite; --resume continues or extends one
-(checkpoint_utils.py tells how). Ctrl-C or SIGTERM saves a checkpoint after the current step and prints the command
+tokenizer with the portable chat template, run_config.yaml last (every setting of this run; pass it back with
+--config), and the report (report.py); --push_to_hub then uploads the folder to the Hugging Face Hub (hub_utils.py).
+A finished run is never trained over without --overwrite; --resume continues or extends one (checkpoint_utils.py
+tells how). Ctrl-C or SIGTERM saves a checkpoint after the current step and prints the command
 that resumes.
 """
 
@@ -117,6 +118,7 @@ def train(args: list[str] | None):
     # 6. Report: base vs tuned on the held-out data -> eval.json, loss.png, README.md (a model card). One process
     # writes it; the others are done (waiting would only hold their devices). It loads the base again with the saved
     # adapter (the figures are what users get), after training has let go of its model and optimizer.
+    reported = False
     if report_args.final_report and (eval_data or data_args.test_fraction) and is_main_process():
         import report
 
@@ -124,7 +126,13 @@ def train(args: list[str] | None):
             logger.info("FSDP: no report here; run `python report.py --model_dir %s` on one GPU.", output_dir)
         else:
             release_training_state(trainer)
-            report.main(["--model_dir", output_dir])
+            reported = report.main(["--model_dir", output_dir]) is not None
+
+    # 7. Share (--push_to_hub): the finished folder to the Hub after the report, so the card holds its figures.
+    if training_args.push_to_hub and is_main_process():
+        from hub_utils import push_run
+
+        push_run(training_args, reported)
     return trainer, result
 
 
