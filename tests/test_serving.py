@@ -12,6 +12,7 @@ from conftest import free_port, running_server
 from transformers import AutoTokenizer
 
 import inference
+from data_utils import PORTABLE_CHAT_TEMPLATE
 
 SYSTEM = "Answer in one word."
 QUESTION = "Is the sky blue?"  # the "Yes." adapter's training question: it answers and stops at EOS
@@ -74,3 +75,11 @@ def test_transformers_serve_takes_a_model_folder_not_an_adapter(yes_adapter):
 
     with pytest.raises(ValueError, match="Unrecognized model"):
         ModelManager(device="cpu", force_model=str(yes_adapter))
+
+
+def test_llama_cpp_conversion_carries_the_portable_template(merged):
+    """llama.cpp's converter reads the tokenizer's files with gguf's SpecialVocab and writes its chat template into
+    the GGUF file, where llama.cpp renders it with its own Jinja engine. (The converter itself is not run here.)"""
+    from gguf import SpecialVocab
+
+    assert SpecialVocab(merged, load_merges=False).chat_template == PORTABLE_CHAT_TEMPLATE
