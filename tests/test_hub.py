@@ -37,7 +37,7 @@ def test_push_settings_that_cannot_work_stop_before_anything_loads(tiny_phi, tmp
 
 def hub_env(tmp_path: Path, **variables) -> dict:
     """This process's environment with the Hub on (no HF_HUB_OFFLINE) and no stored token."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("HF_")}
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGING_FACE_"))}
     return {**env, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "0", **variables}
 
 
