@@ -15,7 +15,7 @@ from config import (
     ModelArguments,
     QuantizationArguments,
 )
-from model_utils import ModelError, check_safetensors, first_line, load_model, load_tokenizer
+from model_utils import ModelError, check_safetensors, first_line, load_model, load_tokenizer, save_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +180,8 @@ def check_lora_targets(lora_config, model) -> None:
 
 
 def merge_adapter(adapter: str | Path, out_dir: str | Path, base: str | None = None, dtype: str = "bfloat16") -> Path:
-    """Write base + adapter as one plain model (merged weights, safetensors) with the tokenizer and chat template.
+    """Write base + adapter as one plain model (merged weights, safetensors) with the tokenizer and the portable
+    chat template, ready for serving engines (README, "Serve and share").
 
     The base is loaded unquantized in `dtype`: LoRA's update cannot be folded exactly into 4-bit weights, so the
     merged model is the 16-bit base plus the adapter (what the adapter computes on a 16-bit base)."""
@@ -198,5 +199,5 @@ def merge_adapter(adapter: str | Path, out_dir: str | Path, base: str | None = N
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
     out_dir = Path(out_dir)
     merged.save_pretrained(out_dir, max_shard_size="5GB")  # transformers 5 always writes safetensors
-    tokenizer.save_pretrained(out_dir)
+    save_tokenizer(tokenizer, out_dir)
     return out_dir

@@ -22,6 +22,7 @@ Policies (for oasst1 sources; your own conversations are used whole, with loss o
   reply only. The original repo trained on the same replies but threw the context away.
 """
 
+import functools
 import hashlib
 import json
 import logging
@@ -38,25 +39,53 @@ logger = logging.getLogger(__name__)
 HUB_DATASET = "OpenAssistant/oasst1"
 SAMPLE = Path(__file__).parent / "data" / "oasst1" / "laion_en_100_tree.jsonl"  # 100 real trees, bundled
 
+
 # The conversation template: the one source of truth, also saved as the tokenizer's `chat_template`, so training,
 # inference, the app and outside tools (`tokenizer.apply_chat_template`) all build byte-identical prompts. The words
-# are the original recipe's; turns are joined by one space; every assistant turn ends with EOS, and the
-# {% generation %} block (the assistant's text and its EOS) is what the loss covers, so the model learns to stop.
+# are the original recipe's; turns are joined by one space; every assistant turn ends with EOS.
 # The generation prompt ends at "### Assistant:" with no trailing space: in training the reply's first token carries
 # the space (" Hello"), so the prompt must stop exactly where that token starts.
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if not loop.first %}{{ ' ' }}{% endif -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{{ '### Human: ' + message['content'] }}"
-    "{%- elif message['role'] == 'assistant' -%}"
-    "{{ '### Assistant:' }}{% generation %}{{ ' ' + message['content'] + eos_token }}{% endgeneration %}"
-    "{%- else -%}"
-    "{{ raise_exception('Only user and assistant messages are supported, got: ' + message['role']) }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ (' ' if messages else '') + '### Assistant:' }}{%- endif -%}"
-)
+# A system message (OpenAI-style clients send one) opens the first human turn, followed by a blank line: the model
+# was trained on human and assistant turns only, so it reads the system text as part of the first request. Tools, tool
+# calls and any other role are an error, since the model never saw them.
+def _conversation_template(reply: str) -> str:
+    """The template around `reply`, the Jinja that renders an assistant message's text and its EOS."""
+    return (
+        "{%- if tools -%}{{ raise_exception('Tools are not supported: this model was trained on plain user and "
+        "assistant turns.') }}{%- endif -%}"
+        "{%- set offset = 1 if messages and messages[0]['role'] == 'system' else 0 -%}"
+        "{%- if offset and (messages | length < 2 or messages[1]['role'] != 'user') -%}"
+        "{{ raise_exception('A system message must be followed by a user message.') }}"
+        "{%- endif -%}"
+        "{%- for message in messages -%}"
+        "{%- if message['tool_calls'] is defined and message['tool_calls'] -%}"
+        "{{ raise_exception('Tool calls are not supported: this model was trained on plain user and assistant "
+        "turns.') }}"
+        "{%- elif loop.index0 >= offset -%}"  # the system message itself is rendered with the first user turn
+        "{%- if loop.index0 > offset %}{{ ' ' }}{% endif -%}"
+        "{%- if message['role'] == 'user' -%}"
+        "{{ '### Human: ' }}"
+        "{%- if offset and loop.index0 == 1 -%}{{ messages[0]['content'] + '\\n\\n' }}{%- endif -%}"
+        "{{ message['content'] }}"
+        "{%- elif message['role'] == 'assistant' -%}"
+        "{{ '### Assistant:' }}" + reply + "{%- else -%}"
+        "{{ raise_exception('Only user and assistant messages (and a system message first) are supported, got: ' "
+        "+ message['role']) }}"
+        "{%- endif -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ (' ' if messages else '') + '### Assistant:' }}{%- endif -%}"
+    )
+
+
+ASSISTANT_REPLY = "{{ ' ' + message['content'] + eos_token }}"
+# Training: the {% generation %} block (the assistant's text and its EOS) is what the loss covers, so the model learns
+# to stop. It is a transformers extension of Jinja (plain Jinja2 fails on it: "unknown tag 'generation'").
+CHAT_TEMPLATE = _conversation_template("{% generation %}" + ASSISTANT_REPLY + "{% endgeneration %}")
+# Everything saved (the adapter's and the merged model's tokenizer): the same text without the markers, which plain
+# Jinja2 renders byte for byte as transformers renders CHAT_TEMPLATE, so engines that render templates themselves
+# (llama.cpp, TGI) accept it.
+PORTABLE_CHAT_TEMPLATE = _conversation_template(ASSISTANT_REPLY)
 HUMAN, ASSISTANT = "### Human:", "### Assistant:"
 
 
@@ -376,10 +405,22 @@ def to_training_records(conversations: Conversations) -> list[dict]:
 
 
 def format_text(messages: list[dict], eos_token: str = "") -> str:
-    """Render the chat template as text (without special tokens by default), exactly as the tokenizer does."""
-    from workarounds import render_chat_template
+    """Render the conversation as text (without special tokens by default), byte for byte as the tokenizer does:
+    the portable template through plain Jinja2, as engines without transformers render it."""
+    return portable_template().render(messages=messages, eos_token=eos_token)
 
-    return render_chat_template(CHAT_TEMPLATE, messages, eos_token)
+
+@functools.cache
+def portable_template():
+    """PORTABLE_CHAT_TEMPLATE compiled by plain Jinja2, with the one helper every chat-template engine provides."""
+    import jinja2
+
+    def raise_exception(message: str):
+        raise jinja2.TemplateError(message)
+
+    environment = jinja2.Environment()
+    environment.globals["raise_exception"] = raise_exception
+    return environment.from_string(PORTABLE_CHAT_TEMPLATE)
 
 
 # ---------------------------------------------------------------------------------------------------------------

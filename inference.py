@@ -14,9 +14,9 @@ with the adapter unless --base says otherwise. Prompts are built with the tokeni
 Batch input: one JSON object per line, {"prompt": "..."} or {"messages": [{"role": "user", "content": "..."}, ...]};
 each output line is the input object with "reply" (and "stopped": false when the reply hit --max-new-tokens) added.
 
---merge-to writes the base in 16 bits with the adapter folded in, plus the tokenizer and its chat template: plain
-`AutoModelForCausalLM.from_pretrained(DIR)` loads it, and serving engines such as vLLM accept it. A 4-bit base
-cannot hold the merged weights exactly, so the base is reloaded unquantized for the merge.
+--merge-to writes the base in 16 bits with the adapter folded in, plus the tokenizer and the portable chat template:
+plain `AutoModelForCausalLM.from_pretrained(DIR)` loads it, and `transformers serve DIR` serves it OpenAI-style
+(README, "Serve and share"). A 4-bit base cannot hold the merged weights exactly, so the base is reloaded unquantized.
 """
 
 import json

@@ -1,5 +1,6 @@
 """Load the tokenizer (with the conversation template) and the base model (4-bit nf4 by default), from the Hub or a
-local folder, and say which device they run on. Used by training, inference, the page and the report alike.
+local folder, and say which device they run on; save the tokenizer with the portable template. Used by training,
+inference, the page and the report alike.
 """
 
 import functools
@@ -13,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from config import ModelArguments, QuantizationArguments, UserError
-from data_utils import CHAT_TEMPLATE
+from data_utils import CHAT_TEMPLATE, PORTABLE_CHAT_TEMPLATE
 from quantization_utils import build_bnb_config, compute_dtype, fsdp_enabled, quant_storage_dtype
 
 logger = logging.getLogger(__name__)
@@ -49,8 +50,20 @@ def load_tokenizer(
         # Phi-2 has no pad token. Reusing EOS is safe here: TRL's collator builds labels from each example's own
         # length, not by comparing ids with the pad id, so the EOS that ends a reply is still trained.
         tokenizer.pad_token = tokenizer.eos_token
+    # Always the training template, whatever the folder saved: its {% generation %} markers give the loss masks.
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, folder) -> None:
+    """Save the tokenizer with the portable template, which renders the same text without transformers' Jinja
+    extension, so that engines that render templates themselves (llama.cpp, TGI) accept it; the tokenizer in memory
+    keeps the training one."""
+    training_template, tokenizer.chat_template = tokenizer.chat_template, PORTABLE_CHAT_TEMPLATE
+    try:
+        tokenizer.save_pretrained(folder)
+    finally:
+        tokenizer.chat_template = training_template
 
 
 def load_model(

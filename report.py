@@ -291,6 +291,8 @@ def card_body(name: str, run: dict, data: dict, train_metrics: dict, report: dic
             f"\n| Held-out loss, unquantized base (adapter off / on) | {unquantized['base']['heldout_loss']:.4f} "
             f"| {unquantized['tuned']['heldout_loss']:.4f} |"
         )
+    # Where a reader loads it from: the Hub repository the run uploads to (--push_to_hub), else the output folder.
+    where = run["hub_model_id"] if run.get("push_to_hub") and run.get("hub_model_id") else run["output_dir"]
     examples = "\n\n".join(
         f"**Prompt:** {prompt}\n\n- *Base:* {b['reply'][:600]!s}\n- *Tuned:* {t['reply'][:600]!s}"
         for prompt, b, t in list(zip(report["prompts"], base["replies"], tuned["replies"], strict=True))[
@@ -347,15 +349,18 @@ greedy row uses no repetition penalty. These settings are saved as the adapter's
 from peft import AutoPeftModelForCausalLM
 from transformers import AutoTokenizer
 
-model = AutoPeftModelForCausalLM.from_pretrained("{run["output_dir"]}")
-tokenizer = AutoTokenizer.from_pretrained("{run["output_dir"]}")
+model = AutoPeftModelForCausalLM.from_pretrained("{where}")
+tokenizer = AutoTokenizer.from_pretrained("{where}")
 inputs = tokenizer.apply_chat_template([{{"role": "user", "content": "Hello!"}}], add_generation_prompt=True,
                                        return_tensors="pt", return_dict=True)
 print(tokenizer.decode(model.generate(**inputs, max_new_tokens=256)[0][inputs["input_ids"].shape[1]:],
                        skip_special_tokens=True))
 ```
 
-or `python inference.py "Hello!" --adapter {run["output_dir"]}`.
+or, with the kit and this folder, `python inference.py "Hello!" --adapter {run["output_dir"]}`. The saved chat
+template renders with plain Jinja2 (llama.cpp, TGI) as in training; a system message opens the first `### Human:`
+turn, and tools are refused. An OpenAI-compatible endpoint: `python inference.py --adapter {run["output_dir"]}
+--merge-to merged`, then `transformers serve merged --host 127.0.0.1 --port 8000`.
 """
 
 

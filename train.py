@@ -8,9 +8,10 @@
     python train.py --help                                   # every setting, with its reason
 
 Writes to --output_dir (model/ by default): checkpoint-N/ folders while training, then the final LoRA adapter, the
-tokenizer with its chat template, run_config.yaml last (every setting of this run; pass it back with --config), and
-the report (report.py). A finished run is never trained over without --overwrite; --resume continues or extends one
-(checkpoint_utils.py tells how). Ctrl-C or SIGTERM saves a checkpoint after the current step and prints the command
+tokenizer with the portable chat template, run_config.yaml last (every setting of this run; pass it back with
+--config), and the report (report.py); --push_to_hub then uploads the folder to the Hugging Face Hub (hub_utils.py).
+A finished run is never trained over without --overwrite; --resume continues or extends one (checkpoint_utils.py
+tells how). Ctrl-C or SIGTERM saves a checkpoint after the current step and prints the command
 that resumes.
 """
 
@@ -43,7 +44,7 @@ def train(args: list[str] | None):
     import checkpoint_utils
     from adapter_utils import build_lora_config
     from data_utils import load_train_and_eval, prepare_examples, to_training_records
-    from model_utils import describe_hardware, is_main_process, load_model, load_tokenizer
+    from model_utils import describe_hardware, is_main_process, load_model, load_tokenizer, save_tokenizer
     from trainer_utils import (
         build_trainer,
         exit_if_stopped,
@@ -94,7 +95,8 @@ def train(args: list[str] | None):
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     exit_if_stopped(trainer, stop, [sys.argv[0], *(sys.argv[1:] if args is None else args)])
 
-    # 5. Save the adapter, the tokenizer with its chat template, the loss history, and every setting of this run.
+    # 5. Save the adapter, the tokenizer with the portable chat template (over the Trainer's copy, which has the
+    # training one, as checkpoints keep it: they are for --resume), the loss history, and every setting of this run.
     # Every process calls the Trainer's savers (they write on the main process; FSDP gathers weights from all).
     trainer.save_model(output_dir)
     trainer.save_state()
@@ -107,7 +109,7 @@ def train(args: list[str] | None):
     }
     trainer.save_metrics("train", metrics, combined=False)
     if is_main_process():
-        tokenizer.save_pretrained(output_dir)
+        save_tokenizer(tokenizer, output_dir)
         settings = (model_args, quant_args, lora_args, data_args, report_args)
         checkpoint_utils.write_run_config(output_dir, run_settings(*settings, training_args))
         logger.info("Saved the adapter to %s (train loss %.4f).", output_dir, result.training_loss)
@@ -116,6 +118,7 @@ def train(args: list[str] | None):
     # 6. Report: base vs tuned on the held-out data -> eval.json, loss.png, README.md (a model card). One process
     # writes it; the others are done (waiting would only hold their devices). It loads the base again with the saved
     # adapter (the figures are what users get), after training has let go of its model and optimizer.
+    reported = False
     if report_args.final_report and (eval_data or data_args.test_fraction) and is_main_process():
         import report
 
@@ -123,7 +126,13 @@ def train(args: list[str] | None):
             logger.info("FSDP: no report here; run `python report.py --model_dir %s` on one GPU.", output_dir)
         else:
             release_training_state(trainer)
-            report.main(["--model_dir", output_dir])
+            reported = report.main(["--model_dir", output_dir]) is not None
+
+    # 7. Share (--push_to_hub): the finished folder to the Hub after the report, so the card holds its figures.
+    if training_args.push_to_hub and is_main_process():
+        from hub_utils import push_run
+
+        push_run(training_args, reported)
     return trainer, result
 
 

@@ -10,6 +10,7 @@ that cost is in BENCHMARKS.md.
 """
 
 import contextlib
+import copy
 import gc
 import logging
 import math
@@ -119,6 +120,13 @@ class TrainingConfig(SFTConfig):
         default=False,
         metadata={"help": "Under DDP, search for weights without gradients (every LoRA weight has one)."},
     )
+    push_to_hub: bool = field(
+        default=False,
+        metadata={"help": "After the report, upload the output folder (adapter, model card) to the Hub."},
+    )
+    hub_model_id: str | None = field(
+        default=None, metadata={"help": "Hub repository for --push_to_hub (user/name); default: --output_dir's name."}
+    )
     resume: bool = field(
         default=False, metadata={"help": "Continue from the newest complete checkpoint in --output_dir."}
     )
@@ -201,9 +209,15 @@ def parse_train_args(args: list[str] | None = None):
             raise ConfigError("--config needs a YAML file.")
         check_yaml_config(args[position], SETTINGS)
     try:
-        return parser.parse_args_and_config(args)
+        parsed = parser.parse_args_and_config(args)
     except ValueError as e:  # a dataclass's own check (ours, or SFTConfig's)
         raise ConfigError(str(e)) from None
+    *_, report_args, training_args = parsed
+    if training_args.push_to_hub:
+        from hub_utils import check_push_settings
+
+        check_push_settings(training_args, report_args.final_report)
+    return parsed
 
 
 def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset=None, peft_config=None):
@@ -235,9 +249,13 @@ def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset=N
     if quantized and not fsdp_enabled():
         # Not under FSDP: it flattens each decoder layer into one tensor of one dtype, the 4-bit storage dtype.
         keep_norms_in_float32(model)
+    # The Trainer would create the Hub repository now and push the folder at every checkpoint and when it saves the
+    # adapter, before the report; train.py uploads the finished folder once, after it (hub_utils.push_run).
+    trainer_args = copy.copy(training_args)
+    trainer_args.push_to_hub = False
     trainer = QLoRATrainer(
         model=model,
-        args=training_args,
+        args=trainer_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,

@@ -73,17 +73,6 @@ def attention_builds_packing_masks(model) -> bool:
     return attention_implementation(model) in ALL_MASK_ATTENTION_FUNCTIONS
 
 
-def render_chat_template(chat_template: str, messages: list[dict], eos_token: str = "") -> str:
-    """transformers 5.24: render a chat template to text without a tokenizer
-    (`transformers.utils.chat_template_utils.render_jinja_template`), with the same Jinja environment
-    `apply_chat_template` uses ({% generation %} included), so previews match training byte for byte.
-    Test: tests/test_workarounds.py::test_rendered_template_matches_the_tokenizer."""
-    from transformers.utils.chat_template_utils import render_jinja_template
-
-    rendered, _ = render_jinja_template(conversations=[messages], chat_template=chat_template, eos_token=eos_token)
-    return rendered[0]
-
-
 class RestoreTrainableDtypesOnResume:
     """TRL 1.16 + peft 0.21 + transformers 5.24: keep the LoRA weights' dtype when --resume loads a checkpoint
     (overrides the Trainer's private `_load_from_checkpoint`; mix into the trainer class).

@@ -14,7 +14,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the Hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-
 @pytest.fixture(scope="session")
 def sample_path() -> Path:
     from data_utils import SAMPLE
@@ -91,40 +90,57 @@ def yes_adapter(tiny_phi, tmp_path_factory) -> Path:
     return out
 
 
-@contextlib.contextmanager
-def serve_app(args: list[str], log: Path):
-    """app.py with these arguments on a free port, until the block ends; yields its URL once the page answers."""
+def free_port() -> int:
     import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(command: list[str], ready_url: str, log: Path, env: dict | None = None):
+    """Run a server command until the block ends, once `ready_url` answers 200; it is stopped however the block
+    ends (killed if it does not stop within 30 s), and its output is in `log`."""
     import subprocess
     import time
     import urllib.request
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "app.py", *args, "--port", str(port)]
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    name = f"{Path(command[0]).name} {command[1]}"  # "python app.py", "transformers serve"
     with log.open("w") as log_file:
         server = subprocess.Popen(command, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + 180
         while True:
             if server.poll() is not None:
-                pytest.fail(f"app.py exited with {server.returncode}:\n{log.read_text()}")
+                pytest.fail(f"{name} exited with {server.returncode}:\n{log.read_text()}")
             try:
-                with urllib.request.urlopen(url, timeout=2) as response:
+                with urllib.request.urlopen(ready_url, timeout=2) as response:
                     if response.status == 200:
                         break
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"app.py did not answer on {url} within 180 s:\n{log.read_text()}")
+                pytest.fail(f"{name} did not answer on {ready_url} within 180 s:\n{log.read_text()}")
             time.sleep(0.5)
-        yield url
+        yield
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+@contextlib.contextmanager
+def serve_app(args: list[str], log: Path):
+    """app.py with these arguments on a free port, until the block ends; yields its URL once the page answers."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    with running_server([sys.executable, "app.py", *args, "--port", str(port)], url, log, env):
+        yield url
 
 
 def chromium_path() -> str:

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import inference
 from adapter_utils import load_chat_model
 from config import GenerationArguments, QuantizationArguments
-from data_utils import CHAT_TEMPLATE
+from data_utils import PORTABLE_CHAT_TEMPLATE
 from generation_utils import (
     generate_replies,
     generate_reply,
@@ -178,7 +178,7 @@ def test_merged_model_loads_in_plain_transformers_and_matches_base_plus_adapter(
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     assert merged.dtype == getattr(torch, dtype)
     tokenizer = AutoTokenizer.from_pretrained(out)
-    assert tokenizer.chat_template == CHAT_TEMPLATE
+    assert tokenizer.chat_template == PORTABLE_CHAT_TEMPLATE  # for serving engines that render it themselves
 
     # The reference: the same base, unquantized in the same dtype, with the adapter applied by peft.
     reference, _ = load_chat_model(yes_adapter, quant_args=QuantizationArguments(False, bnb_4bit_compute_dtype=dtype))

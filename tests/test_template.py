@@ -1,11 +1,22 @@
-"""One conversation template everywhere: training text, tokenizer chat_template, inference prompt, loss masks."""
+"""One conversation template everywhere: training text, tokenizer chat_template, inference prompt, loss masks, and
+the portable copy that is saved with the model (plain Jinja2, a system message, clear errors)."""
 
+import jinja2
 import pytest
 from datasets import Dataset
 
 from adapter_utils import build_lora_config
 from config import LoraArguments, ModelArguments, QuantizationArguments
-from data_utils import CHAT_TEMPLATE, Conversations, format_text, to_training_records
+from data_utils import (
+    CHAT_TEMPLATE,
+    PORTABLE_CHAT_TEMPLATE,
+    SAMPLE,
+    Conversations,
+    format_text,
+    load_conversations,
+    portable_template,
+    to_training_records,
+)
 from model_utils import load_model
 from trainer_utils import TrainingConfig, build_trainer
 
@@ -118,3 +129,86 @@ def test_drop_long_examples_keeps_those_that_fit_with_their_eos(tokenizer):
     assert len(drop_long_examples(conversations, tokenizer, max(lengths)).examples) == 2
     with pytest.raises(DataError, match="every example is longer"):
         drop_long_examples(conversations, tokenizer, limit - 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The portable template: what the saved tokenizer carries, for engines that render templates without transformers.
+
+SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
+
+
+PLAIN_JINJA2 = jinja2.Environment().from_string(PORTABLE_CHAT_TEMPLATE)  # no transformers extension, no helper
+
+
+def plain_jinja2(**variables) -> str:
+    return PLAIN_JINJA2.render(eos_token=EOS, **variables)
+
+
+def test_the_portable_template_is_the_training_template_without_its_markers():
+    with pytest.raises(jinja2.TemplateSyntaxError, match="Encountered unknown tag 'generation'"):
+        jinja2.Environment().from_string(CHAT_TEMPLATE)
+    assert "{% generation %}" not in PORTABLE_CHAT_TEMPLATE and "endgeneration" not in PORTABLE_CHAT_TEMPLATE
+    unmarked = CHAT_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    assert unmarked == PORTABLE_CHAT_TEMPLATE
+
+
+def test_plain_jinja2_renders_every_bundled_conversation_as_training_does(tokenizer):
+    """Every conversation of data/oasst1/ (both policies), whole and as the prompt before each of its replies, with
+    and without a system message: transformers with the training template and plain Jinja2 with the portable one
+    give the same text, byte for byte."""
+    conversations = [
+        e["messages"]
+        for policy in ("best", "replies")
+        for e in load_conversations(str(SAMPLE), policy=policy).examples
+    ]
+    assert len(conversations) > 200
+    checked = 0
+    for messages in conversations:
+        for system in ([], [SYSTEM]):
+            cases = [(system + messages, False)]
+            cases += [(system + messages[:turn], True) for turn, m in enumerate(messages) if m["role"] == "assistant"]
+            for case, prompt in cases:
+                expected = tokenizer.apply_chat_template(case, tokenize=False, add_generation_prompt=prompt)
+                assert plain_jinja2(messages=case, add_generation_prompt=prompt) == expected
+                checked += 1
+    assert tokenizer.chat_template == CHAT_TEMPLATE and checked > 1000
+
+
+def test_a_system_message_opens_the_first_human_turn(tokenizer):
+    messages = [SYSTEM, *CONVERSATION[:3]]
+    expected = (
+        "### Human: You are a helpful assistant.\n\nHow do I boil an egg? ### Assistant: Put it in boiling water for 9"
+        " minutes." + EOS + " ### Human: And a soft one? ### Assistant:"
+    )
+    assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == expected
+    assert plain_jinja2(messages=messages, add_generation_prompt=True) == expected
+    # The same prompt as the user asking with the system text first: what inference.py is given in the serving test.
+    folded = [{"role": "user", "content": SYSTEM["content"] + "\n\n" + CONVERSATION[0]["content"]}, *CONVERSATION[1:3]]
+    assert tokenizer.apply_chat_template(folded, tokenize=False, add_generation_prompt=True) == expected
+    assert format_text([SYSTEM, *CONVERSATION], EOS) == format_text(folded + CONVERSATION[3:], EOS)
+
+
+TOOL_CALL = {"type": "function", "function": {"name": "clock", "arguments": {}}}
+TOOL = {"type": "function", "function": {"name": "clock", "description": "The time.", "parameters": {}}}
+
+
+@pytest.mark.parametrize(
+    "messages, tools, error",
+    [
+        ([CONVERSATION[0], {"role": "tool", "content": "12:00"}], None, "got: tool"),
+        ([CONVERSATION[0], SYSTEM], None, "got: system"),
+        ([SYSTEM, CONVERSATION[1]], None, "A system message must be followed by a user message"),
+        ([SYSTEM], None, "A system message must be followed by a user message"),
+        (
+            [CONVERSATION[0], {"role": "assistant", "content": "", "tool_calls": [TOOL_CALL]}],
+            None,
+            "Tool calls are not",
+        ),
+        ([CONVERSATION[0]], [TOOL], "Tools are not supported"),
+    ],
+)
+def test_tools_tool_calls_and_other_roles_are_a_clear_error(tokenizer, messages, tools, error):
+    with pytest.raises(jinja2.TemplateError, match=error):
+        tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+    with pytest.raises(jinja2.TemplateError, match=error):  # llama.cpp and TGI provide raise_exception too
+        portable_template().render(messages=messages, tools=tools, eos_token=EOS, add_generation_prompt=True)

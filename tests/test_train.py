@@ -12,6 +12,8 @@ import torch
 import yaml
 
 import train
+from data_utils import CHAT_TEMPLATE, PORTABLE_CHAT_TEMPLATE
+from model_utils import load_tokenizer
 from trainer_utils import parse_train_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,6 +101,9 @@ def test_training_writes_adapter_tokenizer_and_config(yes_run, tiny_phi):
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(tiny_phi)
     assert set(adapter_config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"}
+    # The saved tokenizer carries the portable template; loaded again (report, inference), the masking one is back.
+    assert (out / "chat_template.jinja").read_text() == PORTABLE_CHAT_TEMPLATE
+    assert load_tokenizer(str(out)).chat_template == CHAT_TEMPLATE
     run_config = yaml.safe_load((out / "run_config.yaml").read_text())
     assert run_config["model_name_or_path"] == str(tiny_phi) and run_config["max_steps"] == 30
     # The saved run config is a valid --config file that reproduces the run's settings.

@@ -10,16 +10,9 @@ import torch
 
 import workarounds
 from config import ModelArguments, QuantizationArguments
-from data_utils import format_text
 from model_utils import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-CONVERSATION = [
-    {"role": "user", "content": "Hi"},
-    {"role": "assistant", "content": "Hello!"},
-    {"role": "user", "content": "Bye"},
-    {"role": "assistant", "content": "Goodbye."},
-]
 
 
 def test_argument_parser_loads_without_transformers():
@@ -50,11 +43,6 @@ def test_packing_mask_registry_knows_sdpa(tiny_phi):
     assert workarounds.attention_builds_packing_masks(model)
     model.config._attn_implementation = "no-such-kernel"
     assert not workarounds.attention_builds_packing_masks(model)
-
-
-def test_rendered_template_matches_the_tokenizer(tokenizer):
-    expected = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
-    assert format_text(CONVERSATION, tokenizer.eos_token) == expected
 
 
 def test_the_trainer_still_loads_checkpoints_through_the_overridden_method():
