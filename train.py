@@ -142,8 +142,11 @@ def run_settings(*settings) -> dict:
 
     *plain, training_args = settings
     values = {key: value for group in plain for key, value in asdict(group).items()}
-    values.update({k: v for k, v in training_args.to_dict().items() if not k.startswith("_")})
-    return {**values, "resume": False, "overwrite": False}
+    for key, value in training_args.to_dict().items():
+        if not key.startswith("_"):
+            # to_dict writes "<EOS_TOKEN>" for every *_token field: keep the real value, and never a secret.
+            values[key] = getattr(training_args, key) if key.endswith("_token") else value
+    return {**values, "resume": False, "overwrite": False, "hub_token": None}
 
 
 if __name__ == "__main__":

@@ -109,6 +109,7 @@ def test_training_writes_adapter_tokenizer_and_config(yes_run, tiny_phi):
     # The saved run config is a valid --config file that reproduces the run's settings.
     *_, training = parse_train_args(["--config", str(out / "run_config.yaml")])
     assert training.learning_rate == 0.01 and training.output_dir == str(out)
+    assert (training.eos_token, training.pad_token, training.hub_token) == (None, None, None)  # not "<EOS_TOKEN>"
 
 
 def test_adapter_loads_with_plain_peft_and_stops_at_eos(yes_run, tiny_phi):
