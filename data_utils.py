@@ -273,21 +273,21 @@ def load_conversations(
     return conversations
 
 
-def held_out_trees(examples: list[dict], *fractions: float) -> list[set[str]]:
-    """Disjoint sets of round(fraction x trees) whole trees, one per fraction, in a stable order of their ids'
-    hashes (the same trees in every run, whatever the policy)."""
+def held_out_trees(examples: list[dict], dev_fraction: float, test_fraction: float = 0.0) -> tuple[set, set]:
+    """Disjoint dev and test sets of round(fraction x trees) whole trees, in a stable order of their ids' hashes (the
+    same trees in every run, whatever the policy): dev from the start of that order, test from its end. Adding a test
+    part never moves the dev trees, and never takes trees that a run without one evaluated on (chose settings by)."""
     trees = sorted({e["tree_id"] for e in examples}, key=lambda t: hashlib.sha256(t.encode()).hexdigest())
-    parts, start = [], 0
-    for fraction in fractions:
-        count = max(1, round(fraction * len(trees))) if fraction > 0 else 0
-        parts.append(set(trees[start : start + count]))
-        start += count
-    return parts
+
+    def count(fraction: float) -> int:
+        return max(1, round(fraction * len(trees))) if fraction > 0 else 0
+
+    return set(trees[: count(dev_fraction)]), set(trees[len(trees) - count(test_fraction) :])
 
 
 def split_by_tree(examples: list[dict], eval_fraction: float) -> tuple[list[dict], list[dict]]:
     """Hold out round(fraction x trees) whole trees, chosen by a hash of their id (stable across runs)."""
-    (held_out,) = held_out_trees(examples, eval_fraction)
+    held_out, _ = held_out_trees(examples, eval_fraction)
     return [e for e in examples if e["tree_id"] not in held_out], [e for e in examples if e["tree_id"] in held_out]
 
 
@@ -305,12 +305,12 @@ def load_train_and_eval(data_args) -> tuple[Conversations, Conversations | None,
         dev = load_conversations(data_args.eval_dataset, "train", "best", langs)
     elif data_args.dataset in ("hub", HUB_DATASET) and data_args.eval_split:
         dev = load_conversations(data_args.dataset, data_args.eval_split, "best", langs)
-    fractions = (data_args.test_fraction, 0.0 if dev else data_args.eval_fraction)
+    fractions = (0.0 if dev else data_args.eval_fraction, data_args.test_fraction)
     if any(fraction > 0 for fraction in fractions):
         whole = train
         if data_args.policy != "best":
             whole = load_conversations(data_args.dataset, data_args.dataset_split, "best", langs)
-        test_trees, dev_trees = held_out_trees(whole.examples, *fractions)
+        dev_trees, test_trees = held_out_trees(whole.examples, *fractions)
         if dev_trees:
             dev = Conversations([e for e in whole.examples if e["tree_id"] in dev_trees], "all")
         if test_trees:

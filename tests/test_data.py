@@ -278,8 +278,10 @@ def test_dev_and_test_parts_are_disjoint_whole_trees_of_best_paths(sample_path):
     )
     assert train.loss_on == "last" and dev.loss_on == test.loss_on == "all"  # held out: whole conversations, always
     assert len(dev.examples) == 20 and len(test.examples) == 20  # one best path per tree
-    # Without a test part, the dev part is the same trees as before there was one (runs stay comparable).
+    # Without a test part, the dev part is the same trees (runs stay comparable, and the test trees are none that a
+    # run without a test part evaluated on).
     _, dev_only, none = load_train_and_eval(DataArguments(dataset=str(sample_path), eval_fraction=0.2))
-    assert none is None and [e["tree_id"] for e in dev_only.examples] == [
+    assert none is None and [e["tree_id"] for e in dev_only.examples] == [e["tree_id"] for e in dev.examples]
+    assert [e["tree_id"] for e in dev.examples] == [
         e["tree_id"] for e in split_by_tree(load_conversations(str(sample_path)).examples, 0.2)[1]
     ]
