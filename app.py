@@ -232,7 +232,7 @@ def build_ui(model, tokenizer, settings: PageSettings):
                 with gr.Row():
                     send = gr.Button("Send", variant="primary")
                     stop = gr.Button("Stop", variant="stop")
-                    clear = gr.Button("Clear")
+                    clear = gr.Button("Clear", elem_id="compare-clear")
                 gr.Examples(EXAMPLES, inputs=box)
                 inputs, outputs = [box, base_chat, tuned_chat, *sliders], [box, base_chat, tuned_chat, status]
                 sent = gr.on([send.click, box.submit], compare, inputs, outputs, api_name="compare")

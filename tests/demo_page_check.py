@@ -34,7 +34,7 @@ def test_the_demo_adapter_ends_its_replies_to_held_out_questions_on_the_page(bro
         box, status = page.get_by_placeholder("One message, two answers"), page.locator("#compare-status")
         ARTIFACTS.mkdir(exist_ok=True)
         for number, question in enumerate(questions, 1):
-            page.get_by_role("button", name="Clear").click()
+            page.locator("#compare-clear").click()
             expect(page.locator("#tuned-chat .message")).to_have_count(0)
             box.fill(question)
             box.press("Enter")
