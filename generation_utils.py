@@ -34,10 +34,9 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> torc
 
 
 class Reply(str):
-    """A reply's text, with `ended`: it ended with EOS (not at the token budget or a stop), and `new_tokens`."""
+    """A reply's text, with `ended`: it ended with EOS (not at the token budget or a stop)."""
 
     ended: bool = False
-    new_tokens: int = 0
 
 
 @torch.inference_mode()
@@ -58,7 +57,7 @@ def generate_reply(
     )
     new = output[0][inputs["input_ids"].shape[1] :]
     reply = Reply(tokenizer.decode(new, skip_special_tokens=True).strip())
-    reply.ended, reply.new_tokens = bool(len(new)) and new[-1].item() == tokenizer.eos_token_id, len(new)
+    reply.ended = bool(len(new)) and new[-1].item() == tokenizer.eos_token_id
     return reply
 
 
