@@ -17,6 +17,7 @@ import math
 import signal
 import sys
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from transformers import TrainerCallback
@@ -127,6 +128,17 @@ class TrainingConfig(SFTConfig):
     hub_model_id: str | None = field(
         default=None, metadata={"help": "Hub repository for --push_to_hub (user/name); default: --output_dir's name."}
     )
+    method: Literal["sft", "dpo", "orpo"] = field(
+        default="sft",
+        metadata={"help": "sft: learn the replies; dpo, orpo: learn oasst1's rankings from preference pairs."},
+    )
+    init_adapter: str | None = field(
+        default=None,
+        metadata={"help": "--method dpo: start from this SFT adapter, which is also DPO's reference (else the base)."},
+    )
+    beta: float = field(
+        default=0.1, metadata={"help": "DPO: how strongly to stay near the reference; ORPO: weight of its odds loss."}
+    )
     resume: bool = field(
         default=False, metadata={"help": "Continue from the newest complete checkpoint in --output_dir."}
     )
@@ -187,6 +199,11 @@ class TrainingConfig(SFTConfig):
             f"--save_total_limit must be 0 (keep every checkpoint) or more, got {self.save_total_limit}.",
         )
         require(0 <= self.seed < SEED_LIMIT, f"--seed must be in [0, 2**32), got {self.seed}.")
+        require(0 < self.beta < math.inf, f"--beta must be above 0, got {self.beta}.")
+        require(
+            self.init_adapter is None or self.method != "sft",
+            "--init_adapter starts --method dpo or orpo from an SFT adapter; an SFT run continues with --resume.",
+        )
 
 
 def steps_or_share(value: float) -> bool:
@@ -212,7 +229,8 @@ def parse_train_args(args: list[str] | None = None):
         parsed = parser.parse_args_and_config(args)
     except ValueError as e:  # a dataclass's own check (ours, or SFTConfig's)
         raise ConfigError(str(e)) from None
-    *_, report_args, training_args = parsed
+    _, _, _, data_args, report_args, training_args = parsed
+    data_args.resolve_policy(training_args.method)
     if training_args.push_to_hub:
         from hub_utils import check_push_settings
 

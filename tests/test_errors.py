@@ -128,7 +128,8 @@ def test_unknown_language_code(workdir, capsys, snapshot, tiny_phi, sample_path)
 
 def test_unknown_policy(workdir, chat_file, capsys, snapshot, tiny_phi):
     message = train_error(["--dataset", "chat.jsonl", "--policy", "longest"], workdir, capsys, snapshot, tiny_phi)
-    assert message == "argument --policy: invalid choice: 'longest' (choose from 'best', 'replies') (see --help)"
+    choices = "'auto', 'best', 'replies', 'best_vs_rest', 'all_pairs'"
+    assert message == f"argument --policy: invalid choice: 'longest' (choose from {choices}) (see --help)"
 
 
 # ---------------------------------------------------------------------------------------------------------------
