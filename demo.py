@@ -85,15 +85,9 @@ def preference() -> None:
         sys.exit(f"demo: no SFT adapter in {OUTPUT}/: run `make demo` first (DPO starts from it).")
     python = sys.executable
     command = [python, "train.py", "--config", PREFERENCE_CONFIG, "--init_adapter", str(OUTPUT)]
-    seconds = run(
-        "Preference-tune with DPO from the SFT adapter on CPU, then the base / SFT / DPO report",
-        [
-            *command,
-            "--output_dir",
-            str(PREFERENCE_OUTPUT),
-            *replaces_an_earlier_demo(PREFERENCE_CONFIG, PREFERENCE_OUTPUT),
-        ],
-    )
+    command += ["--output_dir", str(PREFERENCE_OUTPUT)]
+    command += replaces_an_earlier_demo(PREFERENCE_CONFIG, PREFERENCE_OUTPUT)
+    seconds = run("Preference-tune with DPO from the SFT adapter on CPU, then the base / SFT / DPO report", command)
     from report import summary
 
     report = json.loads((PREFERENCE_OUTPUT / "eval.json").read_text())

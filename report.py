@@ -123,7 +123,11 @@ def reply_log_probs(
         for side in ("chosen", "rejected"):
             ids = tokenizer.apply_chat_template(pair["prompt"] + pair[side], return_dict=True)["input_ids"][:limit]
             rows.append((ids, [-100] * min(start, len(ids)) + ids[start:]))
-    sums, counts = [], []
+    # Batched by length, so that a batch pads little; the results are put back in the rows' order below.
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    rows = [rows[i] for i in order]
+    sums, counts = [0.0] * len(rows), [0] * len(rows)
+    done = 0
     for input_ids, attention, labels in padded_batches(model, tokenizer, rows, batch_tokens):
         logits = model(input_ids=input_ids, attention_mask=attention).logits
         shifted = labels[:, 1:]
@@ -132,8 +136,12 @@ def reply_log_probs(
             logits[:, :-1][trained].float(), shifted[trained], reduction="none"
         )
         row_of = trained.nonzero()[:, 0]
-        sums += torch.zeros(len(labels), device=log_probs.device).index_add_(0, row_of, log_probs).tolist()
-        counts += trained.sum(dim=1).tolist()
+        batch_sums = torch.zeros(len(labels), device=log_probs.device).index_add_(0, row_of, log_probs).tolist()
+        for i, total, count in zip(
+            order[done : done + len(labels)], batch_sums, trained.sum(dim=1).tolist(), strict=True
+        ):
+            sums[i], counts[i] = total, count
+        done += len(labels)
     return [(sums[i], counts[i], sums[i + 1], counts[i + 1]) for i in range(0, len(sums), 2)]
 
 

@@ -231,6 +231,16 @@ def parse_train_args(args: list[str] | None = None):
         raise ConfigError(str(e)) from None
     _, _, _, data_args, report_args, training_args = parsed
     data_args.resolve_policy(training_args.method)
+    if training_args.init_adapter:
+        from pathlib import Path
+
+        from adapter_utils import find_adapter
+
+        require(
+            Path(training_args.init_adapter).is_dir(),
+            f"--init_adapter {training_args.init_adapter}: no such folder; pass the output folder of an SFT run.",
+        )
+        find_adapter(training_args.init_adapter)  # an adapter or a checkpoint of one, before anything loads
     if training_args.push_to_hub:
         from hub_utils import check_push_settings
 
