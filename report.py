@@ -491,9 +491,13 @@ def global_batch(run: dict, train_metrics: dict) -> str:
     total = train_metrics.get(
         "global_batch_size", run["per_device_train_batch_size"] * run["gradient_accumulation_steps"] * processes
     )
-    return f"{text} = {total} " + (
-        f"packed rows of up to {run['max_length']} tokens" if run.get("packing") else "examples"
-    )
+    if run.get("method", "sft") != "sft":
+        unit = "preference pairs"  # packing is SFT's alone
+    elif run.get("packing"):
+        unit = f"packed rows of up to {run['max_length']} tokens"
+    else:
+        unit = "examples"
+    return f"{text} = {total} {unit}"
 
 
 def framework_versions() -> str:
