@@ -1,5 +1,6 @@
 # The two commands of the README:
 #   make demo   install, then train on a real pretrained model offline and answer a prompt (CPU is enough)
+#   make demo-preference   after make demo: DPO from the demo's adapter on oasst1's rankings; base / SFT / DPO report
 #   make test   install, then lint and run the test suite (installs Chromium for the browser test when root)
 #
 # Everything installs into .venv. TORCH picks the torch build: the default is the CPU build that the tests need; on a
@@ -10,7 +11,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: demo demo-page test lint install chromium clean gpu-wheels gpu-check gpu-rehearsal
+.PHONY: demo demo-preference demo-page test lint install chromium clean gpu-wheels gpu-check gpu-rehearsal
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +24,10 @@ install: $(VENV)/.installed
 
 demo: install
 	$(PY) demo.py
+
+# After `make demo`: DPO from its adapter (model/) on the sample's ranked replies, into model-dpo/ (README).
+demo-preference: install
+	$(PY) demo.py --preference
 
 # After `make demo`: the chat page's Compare tab, in headless Chromium, on the demo's held-out questions.
 demo-page: install chromium

@@ -127,15 +127,18 @@ def load_chat_model(
     return model, tokenizer
 
 
-def load_adapter(model, adapter_dir: Path, base: str, float32_adapter: bool = False):
+def load_adapter(model, adapter_dir: Path, base: str, float32_adapter: bool = False, trainable: bool = False):
     """PeftModel on `model`; an adapter that does not fit the base, or whose settings peft refuses, in one line.
     peft's default upcasts bf16/fp16 LoRA weights to float32 (twice their memory, and the LoRA matmuls in float32),
-    which generation gains nothing from; merging asks for it (`float32_adapter`) to fold exactly."""
+    which generation gains nothing from; merging asks for it (`float32_adapter`) to fold exactly, and so does training
+    on (`trainable`: train.py --init_adapter)."""
     from peft import PeftModel
     from safetensors import SafetensorError
 
     try:
-        return PeftModel.from_pretrained(model, adapter_dir, autocast_adapter_dtype=float32_adapter)
+        return PeftModel.from_pretrained(
+            model, adapter_dir, autocast_adapter_dtype=float32_adapter, is_trainable=trainable
+        )
     except (KeyError, TypeError, ValueError, SafetensorError) as e:  # peft's NoMatchingPeftModuleError: a ValueError
         raise ModelError(
             f"cannot load the adapter in {adapter_dir} on {base} ({type(e).__name__}: {first_line(e)}): its "

@@ -122,9 +122,12 @@ class DataArguments:
     test_fraction: float = field(
         default=0.0, metadata={"help": "Share of the trees held out as the test set, scored only by the report."}
     )
-    policy: Literal["best", "replies"] = field(
-        default="best",
-        metadata={"help": "best: one conversation per tree along the best replies; replies: one example per reply."},
+    policy: Literal["auto", "best", "replies", "best_vs_rest", "all_pairs"] = field(
+        default="auto",
+        metadata={
+            "help": "Examples from oasst1 (data_utils.py tells each); auto: best for --method sft, best_vs_rest pairs "
+            "for dpo and orpo."
+        },
     )
     long_examples: Literal["truncate", "drop"] = field(
         default="truncate",
@@ -138,6 +141,17 @@ class DataArguments:
             0.0 <= self.test_fraction < 1.0 and self.eval_fraction + self.test_fraction < 1.0,
             f"--test_fraction must be in [0, 1) and leave trees to train on with --eval_fraction, got "
             f"{self.test_fraction} and {self.eval_fraction}.",
+        )
+
+    def resolve_policy(self, method: str = "sft") -> None:
+        """Set --policy auto to the method's default; refuse a policy that does not fit the method."""
+        pairs = method in ("dpo", "orpo")
+        if self.policy == "auto":
+            self.policy = "best_vs_rest" if pairs else "best"
+        wanted = "preference pairs: best_vs_rest or all_pairs" if pairs else "conversations: best or replies"
+        require(
+            pairs == (self.policy in ("best_vs_rest", "all_pairs")),
+            f"--method {method} trains on {wanted} (--policy auto picks the method's default).",
         )
 
     @property

@@ -5,6 +5,7 @@ Preview or export what training will see:
     python data_utils.py --input data/oasst1/laion_en_100_tree.jsonl --out conversations.jsonl
     python data_utils.py --input data/oasst1/laion_en_100_tree.jsonl --policy replies --out replies.jsonl
     python data_utils.py --input hub --split validation --langs en,de --out validation.jsonl
+    python data_utils.py --input data/oasst1/laion_en_100_tree.jsonl --policy best_vs_rest --out pairs.jsonl
 
 Sources: the Hub data set (`hub` or `OpenAssistant/oasst1`), a local file of oasst1 rows (.jsonl or .parquet with the
 Hub's columns), an oasst1 trees export (.jsonl, one tree per line), or your own conversations: `{"messages": [{"role":
@@ -20,6 +21,14 @@ Policies (for oasst1 sources; your own conversations are used whole, with loss o
   always 0..k-1); unranked replies come after ranked ones, and ties go to the smallest message_id.
 - replies: one example per best-ranked assistant reply at any depth, with all its ancestors as context; loss on that
   reply only. The original repo trained on the same replies but threw the context away.
+
+Preference policies (for --method dpo/orpo, and the report's preference accuracy; oasst1 sources only): pairs of
+sibling assistant replies that people ranked, in TRL's conversational preference format `{"prompt": [messages],
+"chosen": [assistant message], "rejected": [assistant message]}`, the prompt being the exact ancestor path
+(multi-turn).
+- best_vs_rest (default): the best-ranked reply against each reply ranked below it.
+- all_pairs: every two replies of different rank, the better one chosen.
+Unranked replies and replies of equal rank never pair (oasst_trees.preference_pairs).
 """
 
 import functools
@@ -32,7 +41,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from config import DataError
-from oasst_trees import ROW_COLUMNS, Tree, best_path_conversations, filter_messages, reply_examples, rows_from_trees
+from oasst_trees import (
+    PAIR_POLICIES,
+    ROW_COLUMNS,
+    Tree,
+    best_path_conversations,
+    filter_messages,
+    preference_pairs,
+    reply_examples,
+    rows_from_trees,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -87,25 +105,34 @@ CHAT_TEMPLATE = _conversation_template("{% generation %}" + ASSISTANT_REPLY + "{
 # (llama.cpp, TGI) accept it.
 PORTABLE_CHAT_TEMPLATE = _conversation_template(ASSISTANT_REPLY)
 HUMAN, ASSISTANT = "### Human:", "### Assistant:"
+CONVERSATION_POLICIES = ("best", "replies")
 
 
 @dataclass
 class Conversations:
     """Examples ready for training, and how they were made."""
 
-    examples: list[dict]  # {"messages": [...], "id": last reply's message_id, "tree_id": ...}
-    loss_on: str  # "all": every assistant turn; "last": the final reply only
+    # {"messages": [...], "id": last reply's message_id, "tree_id": ...}; preference pairs (loss_on "pairs"):
+    # {"prompt": [...], "chosen": [reply], "rejected": [reply], "id": "chosen_id>rejected_id", "tree_id": ...,
+    # "context_id": the prompter message both reply to}
+    examples: list[dict]
+    loss_on: str  # "all": every assistant turn; "last": the final reply only; "pairs": preference pairs
     counts: Counter = field(default_factory=Counter)
 
     def summary(self) -> str:
         c = self.counts
         if "messages" not in c:
             return f"{len(self.examples)} conversations"
+        if self.loss_on == "pairs":
+            contexts = len({e["context_id"] for e in self.examples})
+            made = f"{len(self.examples)} preference pairs from {contexts} ranked contexts"
+        else:
+            made = f"{len(self.examples)} examples"
         return (
             f"{c['messages']} messages: removed {c['deleted']} deleted, {c['rejected']} rejected in review, "
             f"{c['other_language']} in other languages, {c['orphaned']} orphaned (parent missing or removed)"
             + (f", {c['out_of_turn']} out of turn (same role as the parent)" if c["out_of_turn"] else "")
-            + f"; kept {c['kept']} -> {len(self.examples)} examples"
+            + f"; kept {c['kept']} -> {made}"
         )
 
 
@@ -247,10 +274,15 @@ def read_source(source: str, split: str = "train") -> tuple[str, list, list[str]
 def load_conversations(
     source: str, split: str = "train", policy: str = "best", langs: list[str] | None = None
 ) -> Conversations:
-    """Read a source and turn it into training examples; logs what each filter removed."""
-    if policy not in ("best", "replies"):
-        raise DataError(f"unknown policy {policy!r}: choose best or replies.")
+    """Read a source and turn it into training examples (or preference pairs); logs what each filter removed."""
+    if policy not in CONVERSATION_POLICIES + PAIR_POLICIES:
+        raise DataError(f"unknown policy {policy!r}: choose {', '.join(CONVERSATION_POLICIES + PAIR_POLICIES)}.")
     kind, records, places = read_source(source, split)
+    if kind == "user" and policy in PAIR_POLICIES:
+        raise DataError(
+            f"{source}: preference pairs (--policy {policy}) come from oasst1's ranked replies; your own "
+            "conversations carry no ranks."
+        )
     if kind == "user":
         if policy == "replies":
             logger.warning("--policy replies applies to oasst1 data; your conversations are used whole.")
@@ -264,8 +296,10 @@ def load_conversations(
     tree = Tree(kept)
     if policy == "best":
         examples, loss_on = best_path_conversations(tree), "all"
-    else:
+    elif policy == "replies":
         examples, loss_on = reply_examples(tree), "last"
+    else:
+        examples, loss_on = preference_pairs(tree, policy), "pairs"
     conversations = Conversations(examples, loss_on, counts)
     logger.info("%s (%s): %s", source, policy, conversations.summary())
     if not examples:
@@ -291,30 +325,40 @@ def split_by_tree(examples: list[dict], eval_fraction: float) -> tuple[list[dict
     return [e for e in examples if e["tree_id"] not in held_out], [e for e in examples if e["tree_id"] in held_out]
 
 
-def load_train_and_eval(data_args) -> tuple[Conversations, Conversations | None, Conversations | None]:
+def load_train_and_eval(
+    data_args, held_out_policy: str = "best"
+) -> tuple[Conversations, Conversations | None, Conversations | None]:
     """Training, dev and test conversations for a run's DataArguments (dev, test: None when there is none).
 
     Held-out conversations are always the best-ranked multi-turn paths of their trees with loss on every assistant
     turn, whatever the training policy, so held-out figures compare across runs; they are never filtered by length
     (the report scores a long one on the tokens that fit). The test part (--test_fraction) is for the final report
-    only: training never sees it, and settings are chosen on dev."""
+    only: training never sees it, and settings are chosen on dev. With a pair policy as `held_out_policy`, the dev and
+    test parts are the preference pairs of those same trees (the report's preference accuracy; DPO's dev loss)."""
     langs = data_args.lang_list
-    train = load_conversations(data_args.dataset, data_args.dataset_split, data_args.policy, langs)
+    policy = "best" if data_args.policy == "auto" else data_args.policy  # train.py resolves auto by --method
+    train = load_conversations(data_args.dataset, data_args.dataset_split, policy, langs)
     dev = test = None
     if data_args.eval_dataset:
-        dev = load_conversations(data_args.eval_dataset, "train", "best", langs)
+        dev = load_conversations(data_args.eval_dataset, "train", held_out_policy, langs)
     elif data_args.dataset in ("hub", HUB_DATASET) and data_args.eval_split:
-        dev = load_conversations(data_args.dataset, data_args.eval_split, "best", langs)
+        dev = load_conversations(data_args.dataset, data_args.eval_split, held_out_policy, langs)
     fractions = (0.0 if dev else data_args.eval_fraction, data_args.test_fraction)
     if any(fraction > 0 for fraction in fractions):
-        whole = train
-        if data_args.policy != "best":
-            whole = load_conversations(data_args.dataset, data_args.dataset_split, "best", langs)
-        dev_trees, test_trees = held_out_trees(whole.examples, *fractions)
+        loaded = {policy: train}
+
+        def policy_examples(policy: str) -> Conversations:
+            if policy not in loaded:
+                loaded[policy] = load_conversations(data_args.dataset, data_args.dataset_split, policy, langs)
+            return loaded[policy]
+
+        # The held-out trees are chosen among the best paths' trees, whatever the policies (the same trees always).
+        dev_trees, test_trees = held_out_trees(policy_examples("best").examples, *fractions)
+        whole = policy_examples(held_out_policy)
         if dev_trees:
-            dev = Conversations([e for e in whole.examples if e["tree_id"] in dev_trees], "all")
+            dev = Conversations([e for e in whole.examples if e["tree_id"] in dev_trees], whole.loss_on)
         if test_trees:
-            test = Conversations([e for e in whole.examples if e["tree_id"] in test_trees], "all")
+            test = Conversations([e for e in whole.examples if e["tree_id"] in test_trees], whole.loss_on)
         train.examples = [e for e in train.examples if e["tree_id"] not in test_trees | dev_trees]
         logger.info(
             "Held out %d trees for dev and %d for test; %d examples left for training.",
@@ -332,7 +376,10 @@ def drop_long_examples(conversations: Conversations, tokenizer, max_length: int 
     kept = [
         e
         for e in conversations.examples
-        if len(tokenizer.apply_chat_template(e["messages"], return_dict=True)["input_ids"]) <= max_length
+        if all(
+            len(tokenizer.apply_chat_template(messages, return_dict=True)["input_ids"]) <= max_length
+            for messages in trained_conversations(e)
+        )
     ]
     counts = Counter(conversations.counts)
     counts["too_long"] = len(conversations.examples) - len(kept)
@@ -358,15 +405,16 @@ def drop_untrainable_examples(conversations: Conversations, tokenizer, max_lengt
             f"--max_length {max_length} is too short for the conversation template: an empty exchange already takes "
             f"{overhead} tokens (the default is 512)."
         )
-    # The prompt before the first reply in the loss: the first user turn, or the whole context for loss on the last.
+    # The prompt before the first reply in the loss: the first user turn, or the whole context for loss on the last
+    # reply (and for a preference pair).
     context = 1 if conversations.loss_on == "all" else -1
     kept = [
         e
         for e in conversations.examples
         if len(
-            tokenizer.apply_chat_template(e["messages"][:context], add_generation_prompt=True, return_dict=True)[
-                "input_ids"
-            ]
+            tokenizer.apply_chat_template(
+                trained_conversations(e)[0][:context], add_generation_prompt=True, return_dict=True
+            )["input_ids"]
         )
         < max_length
     ]
@@ -388,6 +436,13 @@ def drop_untrainable_examples(conversations: Conversations, tokenizer, max_lengt
     return Conversations(kept, conversations.loss_on, counts)
 
 
+def trained_conversations(example: dict) -> list[list[dict]]:
+    """The conversations an example trains on: itself, or a preference pair's prompt with each of its replies."""
+    if "messages" in example:
+        return [example["messages"]]
+    return [example["prompt"] + example["chosen"], example["prompt"] + example["rejected"]]
+
+
 def prepare_examples(conversations: Conversations, tokenizer, max_length: int | None, long_examples: str):
     """The training examples: those longer than max_length dropped when --long_examples drop asks for it, then those
     that truncation would leave with nothing to train. Held-out data is never filtered (load_train_and_eval)."""
@@ -398,7 +453,10 @@ def prepare_examples(conversations: Conversations, tokenizer, max_length: int | 
 
 def to_training_records(conversations: Conversations) -> list[dict]:
     """Rows for TRL's SFTTrainer: conversational `messages` (loss on all assistant turns), or prompt/completion
-    (loss on the completion, i.e. the final reply, only)."""
+    (loss on the completion, i.e. the final reply, only); for its DPOTrainer and ORPOTrainer, conversational
+    prompt/chosen/rejected."""
+    if conversations.loss_on == "pairs":
+        return [{key: e[key] for key in ("prompt", "chosen", "rejected")} for e in conversations.examples]
     if conversations.loss_on == "all":
         return [{"messages": e["messages"]} for e in conversations.examples]
     return [{"prompt": e["messages"][:-1], "completion": e["messages"][-1:]} for e in conversations.examples]
@@ -423,6 +481,18 @@ def portable_template():
     return environment.from_string(PORTABLE_CHAT_TEMPLATE)
 
 
+def pair_record(pair: dict) -> dict:
+    """A preference pair in TRL's conversational format, with each side's text in the template (no EOS): the prompt
+    ending at "### Assistant:" (the generation prompt) and each reply as the text that follows it."""
+    prompt = portable_template().render(messages=pair["prompt"], add_generation_prompt=True, eos_token="")
+    record = {key: pair[key] for key in ("prompt", "chosen", "rejected")}
+    for side in ("chosen", "rejected"):
+        full = format_text(pair["prompt"] + pair[side])
+        assert full.startswith(prompt), "the generation prompt is a prefix of the conversation"
+        record[f"{side}_text"] = full[len(prompt) :]
+    return {**record, "prompt_text": prompt}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # CLI: preview and export
 
@@ -439,6 +509,8 @@ def main(args: list[str] | None = None) -> Conversations:
     parser = argument_parser((DataArguments, ExportArguments), description=__doc__)
     try:
         data_args, export_args = parser.parse_args_into_dataclasses(args)
+        if data_args.policy == "auto":
+            data_args.policy = "best"
         conversations = load_conversations(
             data_args.dataset, data_args.dataset_split, data_args.policy, data_args.lang_list
         )
@@ -450,13 +522,17 @@ def main(args: list[str] | None = None) -> Conversations:
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "w", encoding="utf-8") as f:
             for e in conversations.examples:
-                record = {"messages": e["messages"], "text": format_text(e["messages"]), "id": e["id"]}
+                if conversations.loss_on == "pairs":
+                    record = {**pair_record(e), "id": e["id"]}
+                else:
+                    record = {"messages": e["messages"], "text": format_text(e["messages"]), "id": e["id"]}
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
         tmp.replace(out)  # never leave a half-written file under the real name
     except OSError as e:
         tmp.unlink(missing_ok=True)
         fail(f"cannot write {out}: {e.strerror}.")
-    print(f"{conversations.summary()}; loss on {conversations.loss_on} assistant turns; wrote {out}")
+    trained = "" if conversations.loss_on == "pairs" else f"; loss on {conversations.loss_on} assistant turns"
+    print(f"{conversations.summary()}{trained}; wrote {out}")
     return conversations
 
 

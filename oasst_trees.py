@@ -6,7 +6,8 @@ conversation deeper than MAX_DEPTH ends in one error naming the row), and every 
 explicit stack or a path, never recursion. A parent may come after its child, in any order. Messages whose parent is
 missing or removed, or whose role does not alternate with their parent's, are left out and counted.
 
-The two policies (data_utils.py's docstring tells what they keep) are `best_path_conversations` and `reply_examples`.
+The conversation policies (data_utils.py's docstring tells what they keep) are `best_path_conversations` and
+`reply_examples`; the preference-pair policies are `preference_pairs`.
 """
 
 import logging
@@ -211,15 +212,20 @@ def loop_message(chain: list[str], repeated: str, where: dict[str, str]) -> str:
 # Walking the trees of kept messages
 
 
+def is_ranked(reply: dict) -> bool:
+    rank = reply.get("rank")
+    return rank is not None and not (isinstance(rank, float) and math.isnan(rank))
+
+
+def rank_order(reply: dict) -> tuple:
+    """Sort key of replies, best first: lowest rank, unranked (null or NaN) last, ties to the smallest message_id."""
+    ranked = is_ranked(reply)
+    return not ranked, reply["rank"] if ranked else 0, reply["message_id"]
+
+
 def best_reply(replies: list[dict]) -> dict:
-    """The best-ranked reply: lowest rank, unranked (null or NaN) last, ties to the smallest message_id."""
-
-    def key(reply):
-        rank = reply.get("rank")
-        unranked = rank is None or (isinstance(rank, float) and math.isnan(rank))
-        return unranked, 0 if unranked else rank, reply["message_id"]
-
-    return min(replies, key=key)
+    """The best-ranked reply (rank_order)."""
+    return min(replies, key=rank_order)
 
 
 class Tree:
@@ -328,3 +334,40 @@ def reply_examples(tree: Tree) -> list[dict]:
 
 def tree_id(root: dict) -> str:
     return root.get("message_tree_id") or root["message_id"]
+
+
+PAIR_POLICIES = ("best_vs_rest", "all_pairs")
+
+
+def preference_pairs(tree: Tree, policy: str) -> list[dict]:
+    """Preference pairs from ranked sibling replies: for every kept prompter message whose kept assistant replies
+    carry at least two different ranks, the context is its exact ancestor path, chosen the better-ranked reply and
+    rejected a worse-ranked one. best_vs_rest: the best-ranked reply against each reply ranked below it; all_pairs:
+    every two replies of different rank, better one chosen. Unranked replies, and replies that tie, never pair."""
+    assert policy in PAIR_POLICIES, policy
+    pairs = []
+    for root in tree.roots:
+        stack = [root]
+        while stack:  # depth-first, children in message_id order, so the output order is stable (as reply_examples)
+            node = stack.pop()
+            if node["role"] == "prompter":
+                ranked = sorted((r for r in tree.replies(node, "assistant") if is_ranked(r)), key=rank_order)
+                better = ranked[:1] if policy == "best_vs_rest" else ranked
+                context = [tree.message(r) for r in tree.ancestors(node)] if len(ranked) > 1 else []
+                for i, chosen in enumerate(better):
+                    for rejected in ranked[i + 1 :]:
+                        if rejected["rank"] > chosen["rank"]:
+                            pairs.append(
+                                {
+                                    "prompt": context,
+                                    "chosen": [tree.message(chosen)],
+                                    "rejected": [tree.message(rejected)],
+                                    "id": f"{chosen['message_id']}>{rejected['message_id']}",
+                                    "context_id": node["message_id"],
+                                    "tree_id": tree_id(root),
+                                }
+                            )
+            stack.extend(
+                sorted(tree.children.get(node["message_id"], ()), key=lambda r: r["message_id"], reverse=True)
+            )
+    return pairs

@@ -31,7 +31,7 @@ from config import (
     ReportArguments,
     UserError,
 )
-from data_utils import HUB_DATASET, HUMAN, Conversations
+from data_utils import HUB_DATASET, HUMAN, Conversations, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 # worth of them) of every token in it.
 GENERATION_KV_CACHE_BYTES = 5 * 2**30
 LOSS_BATCH_TOKENS = 2048
+REPORT_PAIR_POLICY = "best_vs_rest"
 
 
 @dataclass
@@ -66,6 +67,26 @@ def loss_labels(tokenizer, messages: list[dict], loss_on: str, max_length: int |
     return ids, [t if m else -100 for t, m in zip(ids, mask, strict=True)]
 
 
+def padded_batches(model, tokenizer, rows: list[tuple[list[int], list[int]]], batch_tokens: int):
+    """(input_ids, attention_mask, labels) batches of (ids, labels) rows, right-padded, on the model's device, each of
+    at most `batch_tokens` tokens (one row at least)."""
+    batch_size = max(1, batch_tokens // max(len(ids) for ids, _ in rows))
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids, _ in batch])
+        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
+        attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch])
+        yield input_ids.to(model.device), attention.to(model.device), labels.to(model.device)
+
+
+def scored_token_limit(model, max_length: int | None) -> int:
+    """Held-out text is cut at max_length (as in training) and at the model's context."""
+    from model_utils import context_length
+
+    return min(max_length or context_length(model), context_length(model))
+
+
 @torch.inference_mode()
 def assistant_token_loss(
     model, tokenizer, conversations: Conversations, max_length: int | None, batch_tokens: int = LOSS_BATCH_TOKENS
@@ -73,25 +94,79 @@ def assistant_token_loss(
     """Mean negative log-likelihood per assistant token over all held-out conversations, and the token count.
     Conversations are cut at max_length (as in training) and at the model's context; batches hold at most
     `batch_tokens` tokens (one row at least)."""
-    from model_utils import context_length
-
-    limit = min(max_length or context_length(model), context_length(model))
+    limit = scored_token_limit(model, max_length)
     rows = [loss_labels(tokenizer, e["messages"], conversations.loss_on, limit) for e in conversations.examples]
-    batch_size = max(1, batch_tokens // max(len(ids) for ids, _ in rows))
     total, count = 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
-        width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids, _ in batch])
-        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
-        attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch])
-        logits = model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device)).logits
-        shifted = labels[:, 1:].to(logits.device)
+    for input_ids, attention, labels in padded_batches(model, tokenizer, rows, batch_tokens):
+        logits = model(input_ids=input_ids, attention_mask=attention).logits
+        shifted = labels[:, 1:]
         trained = shifted != -100  # float32 logits for these tokens only, not for every position of the batch
         nll = torch.nn.functional.cross_entropy(logits[:, :-1][trained].float(), shifted[trained], reduction="sum")
         total += nll.item()
         count += int(trained.sum())
     return total / max(count, 1), count
+
+
+@torch.inference_mode()
+def reply_log_probs(
+    model, tokenizer, pairs: Conversations, max_length: int | None, batch_tokens: int = LOSS_BATCH_TOKENS
+) -> list[tuple[float, int, float, int]]:
+    """For each preference pair: the summed log-probability of the chosen reply's tokens (and EOS) after the prompt,
+    their count, and the same for the rejected reply; in the template as DPO and ORPO train on it, cut like the
+    held-out loss."""
+    limit = scored_token_limit(model, max_length)
+    rows = []
+    for pair in pairs.examples:
+        start = len(
+            tokenizer.apply_chat_template(pair["prompt"], add_generation_prompt=True, return_dict=True)["input_ids"]
+        )
+        for side in ("chosen", "rejected"):
+            ids = tokenizer.apply_chat_template(pair["prompt"] + pair[side], return_dict=True)["input_ids"][:limit]
+            rows.append((ids, [-100] * min(start, len(ids)) + ids[start:]))
+    # Batched by length, so that a batch pads little; the results are put back in the rows' order below.
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    rows = [rows[i] for i in order]
+    sums, counts = [0.0] * len(rows), [0] * len(rows)
+    done = 0
+    for input_ids, attention, labels in padded_batches(model, tokenizer, rows, batch_tokens):
+        logits = model(input_ids=input_ids, attention_mask=attention).logits
+        shifted = labels[:, 1:]
+        trained = shifted != -100
+        log_probs = -torch.nn.functional.cross_entropy(
+            logits[:, :-1][trained].float(), shifted[trained], reduction="none"
+        )
+        row_of = trained.nonzero()[:, 0]
+        batch_sums = torch.zeros(len(labels), device=log_probs.device).index_add_(0, row_of, log_probs).tolist()
+        for i, total, count in zip(
+            order[done : done + len(labels)], batch_sums, trained.sum(dim=1).tolist(), strict=True
+        ):
+            sums[i], counts[i] = total, count
+        done += len(labels)
+    return [(sums[i], counts[i], sums[i + 1], counts[i + 1]) for i in range(0, len(sums), 2)]
+
+
+def pair_figures(scores: list[tuple[float, int, float, int]]) -> dict:
+    """Preference accuracy: the share of pairs whose chosen reply gets the higher log-probability, summed over its
+    tokens and per token, over the pairs where both replies have a token in the budget; ties count as misses."""
+    scored = [s for s in scores if s[1] and s[3]]
+    n = max(len(scored), 1)
+    return {
+        "preference_accuracy": sum(c > r for c, _, r, _ in scored) / n,
+        "preference_accuracy_per_token": sum(c / nc > r / nr for c, nc, r, nr in scored) / n,
+        "mean_margin": sum(c - r for c, _, r, _ in scored) / n,
+        "pairs_scored": len(scored),
+    }
+
+
+def preference_accuracy(model, tokenizer, pairs: Conversations, max_length: int | None) -> dict:
+    """Preference accuracy on held-out pairs of every side (base, the start adapter, tuned)."""
+    result = {}
+    for name, adapter in sides(model).items():
+        logger.info("Preference accuracy of the %s model on %d pairs...", name, len(pairs.examples))
+        with running(model, adapter):
+            result[name] = pair_figures(reply_log_probs(model, tokenizer, pairs, max_length))
+    result["pairs"] = len(pairs.examples)
+    return result
 
 
 def kv_cache_bytes_per_token(model) -> int:
@@ -119,12 +194,36 @@ def generate_replies(model, tokenizer, prompts, max_new_tokens: int, repetition_
     return [{**r, "clean": r["stopped"] and HUMAN not in r["reply"]} for r in results]
 
 
+START_ADAPTER = "start"  # the adapter a DPO or ORPO run started from (--init_adapter), loaded beside the trained one
+
+
+def sides(model) -> dict[str, str]:
+    """The models the report compares, by the PEFT adapter each runs: base ("__base__": adapters off), the adapter
+    the run started from when there is one ("sft"), and the trained adapter ("tuned")."""
+    start = {"sft": START_ADAPTER} if START_ADAPTER in model.peft_config else {}
+    return {"base": "__base__", **start, "tuned": "default"}
+
+
+@contextlib.contextmanager
+def running(model, adapter: str):
+    """The model with only this adapter on ("__base__": none)."""
+    if adapter == "__base__":
+        with model.disable_adapter():
+            yield
+        return
+    model.set_adapter(adapter)
+    try:
+        yield
+    finally:
+        model.set_adapter("default")
+
+
 def losses(model, tokenizer, held_out: Conversations, max_length: int | None) -> dict:
-    """Held-out loss and perplexity with the adapter off (base) and on (tuned), and the assistant tokens scored."""
+    """Held-out loss and perplexity of each side (base, the start adapter, tuned), and the assistant tokens scored."""
     result = {}
-    for name in ("base", "tuned"):
+    for name, adapter in sides(model).items():
         logger.info("Held-out loss of the %s model on %d conversations...", name, len(held_out.examples))
-        with model.disable_adapter() if name == "base" else contextlib.nullcontext():
+        with running(model, adapter):
             loss, tokens = assistant_token_loss(model, tokenizer, held_out, max_length)
         result[name] = {"heldout_loss": loss, "heldout_perplexity": math.exp(loss)}
     result["assistant_tokens"] = tokens
@@ -132,18 +231,20 @@ def losses(model, tokenizer, held_out: Conversations, max_length: int | None) ->
 
 
 def clean_stops(model, tokenizer, prompts: list, max_new_tokens: int, repetition_penalty: float) -> dict:
-    """Greedy replies of base and tuned, in one batch (PEFT runs the rows named "__base__" without the adapter, so
-    both sides get the same prompts and padding in one generate call): clean-stop rate and reply lengths."""
+    """Greedy replies of every side, in one batch (PEFT runs each row with the adapter it names, "__base__" without
+    one, so all sides get the same prompts and padding in one generate call): clean-stop rate and reply lengths."""
+    adapters = sides(model)
     replies = generate_replies(
         model,
         tokenizer,
-        prompts + prompts,
+        prompts * len(adapters),
         max_new_tokens,
         repetition_penalty,
-        adapter_names=["__base__"] * len(prompts) + [model.active_adapter] * len(prompts),
+        adapter_names=[adapter for adapter in adapters.values() for _ in prompts],
     )
     result = {}
-    for name, side in (("base", replies[: len(prompts)]), ("tuned", replies[len(prompts) :])):
+    for i, name in enumerate(adapters):
+        side = replies[i * len(prompts) : (i + 1) * len(prompts)]
         lengths = sorted(r["new_tokens"] for r in side)
         result[name] = {
             "clean_stop_rate": sum(r["clean"] for r in side) / max(len(side), 1),
@@ -173,7 +274,7 @@ def figures(model, tokenizer, held_out: Conversations, report_args, max_length: 
     if penalty != 1.0:
         logger.info("The same prompts under plain greedy decoding...")
         greedy = clean_stops(model, tokenizer, prompts, report_args.report_max_new_tokens, 1.0)
-    for name in ("base", "tuned"):
+    for name in documented:
         result[name].update(documented[name])
     result["greedy"] = {name: {k: v for k, v in greedy[name].items() if k != "replies"} for name in greedy}
     result["loss_ratio"] = result["tuned"]["heldout_loss"] / result["base"]["heldout_loss"]
@@ -285,6 +386,22 @@ def card_body(name: str, run: dict, data: dict, train_metrics: dict, report: dic
     )
     rows += f"\n| Clean-stop rate, plain greedy | {greedy['base']['clean_stop_rate']:.0%} | "
     rows += f"{greedy['tuned']['clean_stop_rate']:.0%} |"
+    if "preference" in report:
+        preference = report["preference"]
+        for label, key in (("summed", "preference_accuracy"), ("per token", "preference_accuracy_per_token")):
+            rows += (
+                f"\n| Preference accuracy, {label} log-prob ({preference['tuned']['pairs_scored']} held-out pairs) "
+                f"| {preference['base'][key]:.1%} | {preference['tuned'][key]:.1%} |"
+            )
+    if "sft" in report:  # the SFT adapter a DPO or ORPO run started from
+        rows += (
+            f"\n| The SFT adapter it started from: held-out loss, clean stop | | {report['sft']['heldout_loss']:.4f}, "
+        )
+        rows += f"{report['sft']['clean_stop_rate']:.0%}" + (
+            f", preference accuracy {report['preference']['sft']['preference_accuracy']:.1%} |"
+            if "preference" in report
+            else " |"
+        )
     if "unquantized" in report:
         unquantized = report["unquantized"]
         rows += (
@@ -374,9 +491,13 @@ def global_batch(run: dict, train_metrics: dict) -> str:
     total = train_metrics.get(
         "global_batch_size", run["per_device_train_batch_size"] * run["gradient_accumulation_steps"] * processes
     )
-    return f"{text} = {total} " + (
-        f"packed rows of up to {run['max_length']} tokens" if run.get("packing") else "examples"
-    )
+    if run.get("method", "sft") != "sft":
+        unit = "preference pairs"  # packing is SFT's alone
+    elif run.get("packing"):
+        unit = f"packed rows of up to {run['max_length']} tokens"
+    else:
+        unit = "examples"
+    return f"{text} = {total} {unit}"
 
 
 def framework_versions() -> str:
@@ -431,7 +552,7 @@ def main(args: list[str] | None = None) -> dict | None:
 def write_report(folder: Path, run: dict, report_args: ReportArguments) -> dict:
     import gc
 
-    from adapter_utils import load_chat_model
+    from adapter_utils import find_adapter, load_chat_model
     from data_utils import load_train_and_eval, prepare_examples
 
     # 1. The held-out conversations: the test part if the run has one, else the dev part training evaluated on.
@@ -442,13 +563,20 @@ def write_report(folder: Path, run: dict, report_args: ReportArguments) -> dict:
         raise UserError("no held-out data in this run: train with --eval_fraction, --eval_dataset or --eval_split.")
     model_args, quant_args = settings(ModelArguments, run), settings(QuantizationArguments, run)
     base = model_args.model_name_or_path
+    pairs = held_out_pairs(settings(DataArguments, run), part)
     model, tokenizer = load_chat_model(folder, base, quant_args, model_args.attn_implementation)
+    if run.get("init_adapter"):  # a DPO or ORPO run from an SFT adapter: that adapter is compared too
+        model.load_adapter(str(find_adapter(run["init_adapter"])), adapter_name=START_ADAPTER)
+        model.set_adapter("default")
     train_data = prepare_examples(train_data, tokenizer, run["max_length"], run["long_examples"])
 
-    # 2. The figures, base (adapter off) and tuned, on the base as trained (4-bit); then the losses on the
-    # unquantized base, to show what quantization cost and what the adapter buys back.
+    # 2. The figures, base (adapter off), the adapter the run started from (if any) and tuned, on the base as trained
+    # (4-bit): loss, clean stops and preference accuracy on held-out pairs; then the losses on the unquantized base,
+    # to show what quantization cost and what the adapter buys back.
     report = figures(model, tokenizer, held_out, report_args, run["max_length"])
     report["heldout_part"], report["heldout_ids"] = part, [e["id"] for e in held_out.examples]
+    if pairs is not None:
+        report["preference"] = preference_accuracy(model, tokenizer, pairs, run["max_length"])
     # The decoding settings the clean-stop rate was measured with become the adapter's own: inference.py, app.py,
     # the merged model and any generate() start from them.
     documented_decoding(tokenizer, report_args).save_pretrained(folder)
@@ -488,6 +616,20 @@ def write_report(folder: Path, run: dict, report_args: ReportArguments) -> dict:
     return report
 
 
+def held_out_pairs(data_args: DataArguments, part: str) -> Conversations | None:
+    """The preference pairs (best_vs_rest, whatever the run trained on, so that every run is scored on the same
+    pairs) of the held-out trees the report scores; None where the data has no ranks (your own conversations)."""
+    from data_utils import load_train_and_eval
+
+    try:
+        _, dev, test = load_train_and_eval(data_args, held_out_policy=REPORT_PAIR_POLICY)
+    except DataError as e:
+        logger.info("No preference accuracy: %s", e)
+        return None
+    pairs = test if part == "test" else dev
+    return pairs if pairs is not None and pairs.examples else None
+
+
 def documented_decoding(tokenizer, report_args: ReportArguments):
     """The report's decoding settings as a transformers GenerationConfig: greedy, its repetition penalty and budget."""
     from transformers import GenerationConfig
@@ -521,6 +663,23 @@ def summary(report: dict) -> str:
         f"{tuned['clean_stop_rate']:.0%}; plain greedy: base {greedy['base']['clean_stop_rate']:.0%} -> tuned "
         f"{greedy['tuned']['clean_stop_rate']:.0%}"
     )
+    if "sft" in report:
+        sft = report["sft"]
+        lines.append(
+            f"the SFT adapter it started from: held-out loss {sft['heldout_loss']:.4f}, clean-stop rate "
+            f"{sft['clean_stop_rate']:.0%} (plain greedy {greedy['sft']['clean_stop_rate']:.0%})"
+        )
+    if "preference" in report:
+        preference = report["preference"]
+        shown = " | ".join(
+            f"{name} {figures['preference_accuracy']:.1%} / {figures['preference_accuracy_per_token']:.1%}"
+            for name, figures in preference.items()
+            if name in ("base", "sft", "tuned")
+        )
+        lines.append(
+            f"preference accuracy on {preference['tuned']['pairs_scored']} held-out pairs (summed / per-token "
+            f"log-prob): {shown}"
+        )
     return "\n".join(lines)
 
 

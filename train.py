@@ -5,6 +5,7 @@
     python train.py --config configs/tiny_cpu.yaml           # a small run on CPU, no network
     python train.py --resume                                 # continue from the latest checkpoint in model/
     torchrun --nproc_per_node 4 train.py                     # 4 GPUs (README: "Multi-GPU and multi-node")
+    python train.py --method dpo --init_adapter model --policy best_vs_rest --output_dir model-dpo  # preference tuning
     python train.py --help                                   # every setting, with its reason
 
 Writes to --output_dir (model/ by default): checkpoint-N/ folders while training, then the final LoRA adapter, the
@@ -47,6 +48,7 @@ def train(args: list[str] | None):
     from model_utils import describe_hardware, is_main_process, load_model, load_tokenizer, save_tokenizer
     from trainer_utils import (
         build_trainer,
+        drop_reference_adapter,
         exit_if_stopped,
         global_batch_message,
         release_training_state,
@@ -63,15 +65,18 @@ def train(args: list[str] | None):
     if resume_from:
         logger.info("Resuming from %s", resume_from)
 
-    # 2. Data: oasst1 (or your conversations) -> examples in the conversation template, with the tokenizer's lengths.
-    # The dev part is evaluated during training; the test part is the report's alone (data_utils.load_train_and_eval).
-    train_data, eval_data, _ = load_train_and_eval(data_args)
+    # 2. Data: oasst1 (or your conversations) -> examples in the conversation template, with the tokenizer's lengths;
+    # for dpo and orpo, oasst1's ranked replies -> preference pairs. The dev part (conversations, or the pairs of the
+    # same trees) is evaluated during training; the test part is the report's alone (data_utils.load_train_and_eval).
+    held_out_policy = "best" if training_args.method == "sft" else data_args.policy
+    train_data, eval_data, _ = load_train_and_eval(data_args, held_out_policy)
     tokenizer = load_tokenizer(
         model_args.model_name_or_path, model_args.model_revision, training_args.trust_remote_code
     )
     train_data = prepare_examples(train_data, tokenizer, training_args.max_length, data_args.long_examples)
 
-    # 3. The 4-bit base, and the trainer: SFTTrainer tokenizes, masks the loss to assistant turns, adds the adapter.
+    # 3. The 4-bit base, and the trainer for --method: TRL's SFTTrainer tokenizes, masks the loss to assistant turns
+    # and adds the adapter; its DPOTrainer or ORPOTrainer does the same for pairs (or continues --init_adapter).
     model = load_model(model_args, quant_args, training_args.trust_remote_code)
     trainer = build_trainer(
         model,
@@ -98,6 +103,7 @@ def train(args: list[str] | None):
     # 5. Save the adapter, the tokenizer with the portable chat template (over the Trainer's copy, which has the
     # training one, as checkpoints keep it: they are for --resume), the loss history, and every setting of this run.
     # Every process calls the Trainer's savers (they write on the main process; FSDP gathers weights from all).
+    drop_reference_adapter(trainer)  # DPO from --init_adapter: the frozen reference copy is not part of the result
     trainer.save_model(output_dir)
     trainer.save_state()
     metrics = {

@@ -17,6 +17,7 @@ import math
 import signal
 import sys
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from transformers import TrainerCallback
@@ -127,6 +128,17 @@ class TrainingConfig(SFTConfig):
     hub_model_id: str | None = field(
         default=None, metadata={"help": "Hub repository for --push_to_hub (user/name); default: --output_dir's name."}
     )
+    method: Literal["sft", "dpo", "orpo"] = field(
+        default="sft",
+        metadata={"help": "sft: learn the replies; dpo, orpo: learn oasst1's rankings from preference pairs."},
+    )
+    init_adapter: str | None = field(
+        default=None,
+        metadata={"help": "--method dpo: start from this SFT adapter, which is also DPO's reference (else the base)."},
+    )
+    beta: float = field(
+        default=0.1, metadata={"help": "DPO: how strongly to stay near the reference; ORPO: weight of its odds loss."}
+    )
     resume: bool = field(
         default=False, metadata={"help": "Continue from the newest complete checkpoint in --output_dir."}
     )
@@ -187,6 +199,11 @@ class TrainingConfig(SFTConfig):
             f"--save_total_limit must be 0 (keep every checkpoint) or more, got {self.save_total_limit}.",
         )
         require(0 <= self.seed < SEED_LIMIT, f"--seed must be in [0, 2**32), got {self.seed}.")
+        require(0 < self.beta < math.inf, f"--beta must be above 0, got {self.beta}.")
+        require(
+            self.init_adapter is None or self.method != "sft",
+            "--init_adapter starts --method dpo or orpo from an SFT adapter; an SFT run continues with --resume.",
+        )
 
 
 def steps_or_share(value: float) -> bool:
@@ -212,7 +229,18 @@ def parse_train_args(args: list[str] | None = None):
         parsed = parser.parse_args_and_config(args)
     except ValueError as e:  # a dataclass's own check (ours, or SFTConfig's)
         raise ConfigError(str(e)) from None
-    *_, report_args, training_args = parsed
+    _, _, _, data_args, report_args, training_args = parsed
+    data_args.resolve_policy(training_args.method)
+    if training_args.init_adapter:
+        from pathlib import Path
+
+        from adapter_utils import find_adapter
+
+        require(
+            Path(training_args.init_adapter).is_dir(),
+            f"--init_adapter {training_args.init_adapter}: no such folder; pass the output folder of an SFT run.",
+        )
+        find_adapter(training_args.init_adapter)  # an adapter or a checkpoint of one, before anything loads
     if training_args.push_to_hub:
         from hub_utils import check_push_settings
 
@@ -221,15 +249,16 @@ def parse_train_args(args: list[str] | None = None):
 
 
 def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset=None, peft_config=None):
-    """TRL's SFTTrainer: it tokenizes with the chat template, masks everything but assistant turns (and their EOS)
-    from the loss, packs the conversations (unless the model's attention would mix them), wraps the model in the
-    LoRA adapter and runs the loop. Its training steps report their loss to a `StopOnNonFiniteLoss` callback."""
-    from trl import SFTTrainer
-
+    """TRL's trainer for --method: SFTTrainer (it tokenizes with the chat template, masks everything but assistant
+    turns and their EOS from the loss, packs the conversations unless the model's attention would mix them),
+    DPOTrainer or ORPOTrainer (prompt/chosen/rejected pairs in the same template). Each wraps the model in the LoRA
+    adapter (or continues --init_adapter) and runs the loop; its training steps report their loss to a
+    `StopOnNonFiniteLoss` callback."""
     nonfinite = StopOnNonFiniteLoss()
+    trainer_class, trainer_args = method_trainer(training_args)
 
-    class QLoRATrainer(RestoreTrainableDtypesOnResume, SFTTrainer):
-        """SFTTrainer that resumes in the LoRA weights' own dtype (workarounds.py) and stops on a nan/inf loss."""
+    class QLoRATrainer(RestoreTrainableDtypesOnResume, trainer_class):
+        """TRL's trainer that resumes in the LoRA weights' own dtype (workarounds.py) and stops on a nan/inf loss."""
 
         nonfinite_loss = nonfinite
 
@@ -238,21 +267,20 @@ def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset=N
             nonfinite.observe(loss)
             return loss
 
-    if peft_config is not None:
+    if peft_config is not None and not training_args.init_adapter:
         from adapter_utils import check_lora_targets
 
         check_lora_targets(peft_config, model)  # before the trainer, which would skip a misspelt name silently
     quantized = getattr(model, "is_loaded_in_4bit", False)
     if quantized:
         keep_4bit_weights_trainable_on_cpu(model)  # before the packing check below runs the model without gradients
-    fall_back_to_length_grouping_if_packing_leaks(model, training_args)
+    if training_args.method == "sft":
+        fall_back_to_length_grouping_if_packing_leaks(model, training_args)
     if quantized and not fsdp_enabled():
         # Not under FSDP: it flattens each decoder layer into one tensor of one dtype, the 4-bit storage dtype.
         keep_norms_in_float32(model)
-    # The Trainer would create the Hub repository now and push the folder at every checkpoint and when it saves the
-    # adapter, before the report; train.py uploads the finished folder once, after it (hub_utils.push_run).
-    trainer_args = copy.copy(training_args)
-    trainer_args.push_to_hub = False
+    if training_args.init_adapter:
+        model, peft_config = load_trainable_adapter(model, training_args.init_adapter), None
     trainer = QLoRATrainer(
         model=model,
         args=trainer_args,
@@ -265,6 +293,57 @@ def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset=N
     if not training_args.bf16:  # fp16, or float32 on CPU
         keep_trainable_weights_in_float32(trainer.model)
     return trainer
+
+
+def method_trainer(training_args):
+    """The TRL trainer class for --method, and its arguments: ours for SFT; for DPO and ORPO, their config classes
+    filled from ours (the shared Trainer settings, --max_length and --beta). The Trainer would create the Hub
+    repository now and push the folder at every checkpoint and when it saves the adapter, before the report; train.py
+    uploads the finished folder once, after it (hub_utils.push_run)."""
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    if training_args.method == "sft":
+        from trl import SFTTrainer
+
+        trainer_args = copy.copy(training_args)
+        trainer_args.push_to_hub = False
+        return SFTTrainer, trainer_args
+    shared = {f.name: getattr(training_args, f.name) for f in fields(TrainingArguments) if f.init}
+    shared |= {"push_to_hub": False, "max_length": training_args.max_length, "beta": training_args.beta}
+    if training_args.method == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        return DPOTrainer, DPOConfig(**shared)
+    # TRL 1.16 keeps ORPO under trl.experimental (README, "Preference tuning"): its API may change between releases.
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    from workarounds import TemplateTokensInOrpo
+
+    return type("ORPOTrainer", (TemplateTokensInOrpo, ORPOTrainer), {}), ORPOConfig(**shared)
+
+
+def load_trainable_adapter(model, adapter: str):
+    """--init_adapter on the prepared base, trainable. DPOTrainer, given a PEFT model and no reference model, keeps a
+    frozen copy of this adapter under the name "ref" and computes the reference log-probs through it: the reference
+    is the SFT policy, on the same base in memory (no second copy of the base), for a LoRA-sized copy of weights.
+    We chose it over TRL's precomputed reference log-probs (precompute_ref_log_probs), which also needs no second base
+    but scores the whole training set before the first step and caches it in a datasets cache file keyed by hashes of
+    the data and the model; the reference adapter costs one no-grad forward per step instead, works the same for the
+    dev set, --resume and torchrun, and leaves nothing on disk. The "ref" copy is dropped before the final adapter is
+    saved (drop_reference_adapter)."""
+    from adapter_utils import find_adapter, load_adapter
+
+    return load_adapter(model, find_adapter(adapter), model.name_or_path, float32_adapter=True, trainable=True)
+
+
+def drop_reference_adapter(trainer) -> None:
+    """DPO from --init_adapter: remove the frozen "ref" copy of the SFT adapter (load_trainable_adapter), so that
+    the output folder holds the trained adapter alone; checkpoints keep it, for --resume."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if "ref" in getattr(model, "peft_config", {}):
+        model.delete_adapter("ref")
 
 
 def keep_norms_in_float32(model) -> None:
@@ -361,7 +440,7 @@ def global_batch_message(trainer) -> str:
     Trainer's own numbers."""
     args = trainer.args
     processes = f"{args.world_size} process" + ("es" if args.world_size > 1 else "")
-    unit = f"packed rows of up to {args.max_length} tokens" if args.packing else "examples"
+    unit = f"packed rows of up to {args.max_length} tokens" if getattr(args, "packing", False) else "examples"
     message = (
         f"{processes} x micro-batch {args.train_batch_size} x accumulation {args.gradient_accumulation_steps} = "
         f"global batch {trainer.get_total_train_batch_size(args)} {unit} per optimizer step"

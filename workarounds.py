@@ -88,3 +88,23 @@ class RestoreTrainableDtypesOnResume:
         for name, param in self.model.named_parameters():
             if name in dtypes and param.dtype != dtypes[name]:
                 param.data = param.data.to(dtypes[name])
+
+
+class TemplateTokensInOrpo:
+    """TRL 1.16 (trl.experimental.orpo): train ORPO on exactly the template's tokens (overrides ORPOTrainer's public
+    `tokenize_row`, which calls the private `add_bos_token_if_needed`; mix into the trainer class).
+
+    Symptom: ORPOTrainer puts the tokenizer's BOS token in front of every prompt that does not start with it, and our
+    template renders none: SmolLM2 trained on "<|im_start|>### Human: ..." and Phi-2 on "<|endoftext|>### Human: ...",
+    a token that SFT, DPO and inference never see there.
+    Test: tests/test_preference.py::test_orpo_trains_on_the_template_tokens (the BOS is there without this)."""
+
+    def tokenize_row(self, feature, model=None):
+        row = super().tokenize_row(feature, model)
+        bos = self.processing_class.bos_token_id
+        rendered = self.processing_class(feature["prompt"], add_special_tokens=False)["input_ids"]
+        if bos is not None and row["prompt_input_ids"][:1] == [bos] and rendered[:1] != [bos]:
+            for key in list(row):
+                if key.startswith(("prompt_", "chosen_", "rejected_")) and isinstance(row[key], list):
+                    row[key] = row[key][1:]
+        return row

@@ -285,3 +285,125 @@ def test_dev_and_test_parts_are_disjoint_whole_trees_of_best_paths(sample_path):
     assert [e["tree_id"] for e in dev.examples] == [
         e["tree_id"] for e in split_by_tree(load_conversations(str(sample_path)).examples, 0.2)[1]
     ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preference pairs from ranked sibling replies
+
+
+def ranked_siblings(rows):
+    """Independently of oasst_trees: each prompter message's ranked assistant replies, as (rank, id, text)."""
+    siblings = {}
+    for row in rows:
+        if row["role"] == "assistant" and row.get("rank") is not None:
+            siblings.setdefault(row["parent_id"], []).append((row["rank"], row["message_id"], row["text"].strip()))
+    return siblings
+
+
+def test_sample_pair_counts(sample_path, rows):
+    best_vs_rest = load_conversations(str(sample_path), policy="best_vs_rest")
+    all_pairs = load_conversations(str(sample_path), policy="all_pairs")
+    assert best_vs_rest.loss_on == all_pairs.loss_on == "pairs"
+    assert len(best_vs_rest.examples) == 429 and len(all_pairs.examples) == 754
+    # The same counts, from the rows directly: the best rank against each worse one; every two different ranks.
+    siblings = ranked_siblings(rows)
+    assert sum(sum(r > min(s)[0] for r, _, _ in s) for s in siblings.values()) == 429
+    assert sum(a[0] < b[0] for s in siblings.values() for a in s for b in s) == 754
+    assert len({e["context_id"] for e in best_vs_rest.examples}) == 212
+    assert "429 preference pairs from 212 ranked contexts" in best_vs_rest.summary()
+
+
+def test_pairs_are_ranked_siblings_with_their_exact_context(sample_path, rows):
+    by_id = {r["message_id"]: r for r in rows}
+    pairs = load_conversations(str(sample_path), policy="best_vs_rest").examples
+    for pair in pairs:
+        chosen_id, rejected_id = pair["id"].split(">")
+        chosen, rejected = by_id[chosen_id], by_id[rejected_id]
+        assert chosen["parent_id"] == rejected["parent_id"] == pair["context_id"]
+        assert chosen["rank"] == min(r for r, _, _ in ranked_siblings(rows)[pair["context_id"]])
+        assert rejected["rank"] > chosen["rank"]
+        assert pair["chosen"] == [{"role": "assistant", "content": chosen["text"].strip()}]
+        assert pair["rejected"] == [{"role": "assistant", "content": rejected["text"].strip()}]
+        # The prompt is the ancestor path, root first, ending at the parent prompter message.
+        path, node = [], by_id[pair["context_id"]]
+        while node is not None:
+            path.append(node)
+            node = by_id.get(node["parent_id"])
+        assert pair["prompt"] == [
+            {"role": "user" if r["role"] == "prompter" else "assistant", "content": r["text"].strip()}
+            for r in reversed(path)
+        ]
+    assert max(len(p["prompt"]) for p in pairs) == 5  # multi-turn contexts are there (depth 6 is the deepest)
+
+
+def test_unranked_and_tied_replies_never_pair(tmp_path):
+    def row(message_id, parent, role, rank=None, deleted=False):
+        return {
+            "message_id": message_id,
+            "parent_id": parent,
+            "message_tree_id": "t",
+            "text": message_id,
+            "role": role,
+            "lang": "en",
+            "deleted": deleted,
+            "review_result": True,
+            "rank": rank,
+        }
+
+    rows = [
+        row("q", None, "prompter"),
+        row("a", "q", "assistant", 0),
+        row("b", "q", "assistant", 1),
+        row("c", "q", "assistant", 1),
+        row("d", "q", "assistant"),
+        row("e", "q", "assistant", 2, deleted=True),
+        row("q2", "a", "prompter"),
+        row("f", "q2", "assistant", 0),
+        row("g", "q2", "assistant", 0),
+    ]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    best = load_conversations(str(path), policy="best_vs_rest")
+    assert [p["id"] for p in best.examples] == ["a>b", "a>c"]  # d unranked, e deleted; f and g tie
+    assert [p["id"] for p in load_conversations(str(path), policy="all_pairs").examples] == ["a>b", "a>c"]
+    rows[3]["rank"] = 2
+    all_pairs = load_conversations(str(write_jsonl(tmp_path / "rows2.jsonl", rows)), policy="all_pairs")
+    assert [p["id"] for p in all_pairs.examples] == ["a>b", "a>c", "b>c"]
+
+
+def test_pairs_need_oasst1_ranks(tmp_path):
+    chat = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}],
+    )
+    with pytest.raises(DataError, match="carry no ranks"):
+        load_conversations(str(chat), policy="best_vs_rest")
+
+
+def test_pairs_held_out_by_the_same_trees(sample_path):
+    from config import DataArguments
+    from data_utils import load_train_and_eval
+
+    args = DataArguments(dataset=str(sample_path), eval_fraction=0.2, test_fraction=0.2, policy="best_vs_rest")
+    train, dev_pairs, test_pairs = load_train_and_eval(args, held_out_policy="best_vs_rest")
+    _, dev, test = load_train_and_eval(args)
+    assert train.loss_on == dev_pairs.loss_on == test_pairs.loss_on == "pairs" and dev.loss_on == "all"
+    trees = [{e["tree_id"] for e in part.examples} for part in (train, dev_pairs, test_pairs, dev, test)]
+    assert trees[1] <= trees[3] and trees[2] <= trees[4]  # the SFT dev/test trees (some have no ranked siblings)
+    assert not (trees[0] & (trees[3] | trees[4]))
+    assert len(train.examples) + len(dev_pairs.examples) + len(test_pairs.examples) == 429
+    records = to_training_records(train)
+    assert set(records[0]) == {"prompt", "chosen", "rejected"}
+
+
+def test_pair_export_cli(sample_path, tmp_path, capsys):
+    from data_utils import main
+
+    out = tmp_path / "pairs.jsonl"
+    main(["--input", str(sample_path), "--out", str(out), "--policy", "best_vs_rest"])
+    assert "kept 1167 -> 429 preference pairs from 212 ranked contexts; wrote" in capsys.readouterr().out
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(records) == 429
+    first = records[0]
+    assert first["prompt_text"] == f"### Human: {first['prompt'][0]['content']} ### Assistant:"
+    assert first["chosen_text"] == " " + first["chosen"][0]["content"]
+    assert first["rejected_text"] == " " + first["rejected"][0]["content"]

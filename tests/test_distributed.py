@@ -244,3 +244,21 @@ def test_fsdp_qlora_defaults_switch_the_optimizer_and_checkpoint_reentrant(monke
     assert "--optim paged_adamw_32bit does not work under FSDP: using adamw_torch." in caplog.messages
     *_, chosen = parse_train_args([*recipe, "--activation_checkpointing_kwargs", '{"use_reentrant": false}'])
     assert chosen.activation_checkpointing_kwargs == {"use_reentrant": False}  # a user's choice stays
+
+
+def test_dpo_under_torchrun_ends_with_identical_adapters_on_both_processes(tiny_cpu_run, tmp_path):
+    """DPO from tiny_cpu_run's SFT adapter (its frozen copy the reference) by two processes, gloo on CPU."""
+    _, sft_adapter, args = tiny_cpu_run
+    out = tmp_path / "model"
+    dpo = ["--method", "dpo", "--policy", "best_vs_rest", "--init_adapter", str(sft_adapter), "--max_steps", "3"]
+    dpo += ["--per_device_train_batch_size", "2", "--final_report", "false", "--learning_rate", "0.005"]
+    stdout = launch(torchrun(), [*with_output_dir(args, out), *dpo], tmp_path / "weights")
+    rank0, rank1 = (load_file(tmp_path / "weights" / f"rank{rank}.safetensors") for rank in (0, 1))
+    saved, start = (load_file(folder / "adapter_model.safetensors") for folder in (out, sft_adapter))
+    assert rank0.keys() == rank1.keys() == saved.keys() == start.keys()
+    for name in saved:
+        assert torch.equal(rank0[name], rank1[name]), name
+        assert torch.equal(rank0[name], saved[name]), name
+    assert any(not torch.equal(saved[name], start[name]) for name in saved)  # DPO moved it
+    assert not (out / "ref").exists() and stdout.count("Saved the adapter to") == 1
+    assert "2 processes x micro-batch 2 x accumulation 1 = global batch 4 examples per optimizer step" in stdout

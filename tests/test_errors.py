@@ -128,7 +128,8 @@ def test_unknown_language_code(workdir, capsys, snapshot, tiny_phi, sample_path)
 
 def test_unknown_policy(workdir, chat_file, capsys, snapshot, tiny_phi):
     message = train_error(["--dataset", "chat.jsonl", "--policy", "longest"], workdir, capsys, snapshot, tiny_phi)
-    assert message == "argument --policy: invalid choice: 'longest' (choose from 'best', 'replies') (see --help)"
+    choices = "'auto', 'best', 'replies', 'best_vs_rest', 'all_pairs'"
+    assert message == f"argument --policy: invalid choice: 'longest' (choose from {choices}) (see --help)"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -298,3 +299,37 @@ def test_an_unreachable_hub_fails_at_once_with_one_line(workdir, chat_file, caps
     args = ["--model", "nobody/not-cached-anywhere", "--dataset", "chat.jsonl", "--output_dir", "out"]
     message = error_line(train.main, args, workdir, capsys, snapshot)
     assert message.startswith("cannot download nobody/not-cached-anywhere from the Hugging Face Hub (no network?).")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preference tuning
+
+
+def test_dpo_on_conversations_is_one_line(workdir, capsys, snapshot, tiny_phi, sample_path):
+    args = ["--dataset", str(sample_path), "--method", "dpo", "--policy", "best"]
+    message = train_error(args, workdir, capsys, snapshot, tiny_phi)
+    assert message == (
+        "--method dpo trains on preference pairs: best_vs_rest or all_pairs (--policy auto picks the method's "
+        "default)."
+    )
+
+
+def test_dpo_on_your_own_conversations_is_one_line(workdir, chat_file, capsys, snapshot, tiny_phi):
+    message = train_error(["--dataset", "chat.jsonl", "--method", "orpo"], workdir, capsys, snapshot, tiny_phi)
+    assert message == (
+        "chat.jsonl: preference pairs (--policy best_vs_rest) come from oasst1's ranked replies; your own "
+        "conversations carry no ranks."
+    )
+
+
+def test_init_adapter_with_sft_is_one_line(workdir, capsys, snapshot, tiny_phi):
+    message = train_error(["--init_adapter", "model"], workdir, capsys, snapshot, tiny_phi)
+    assert message == (
+        "--init_adapter starts --method dpo or orpo from an SFT adapter; an SFT run continues with --resume."
+    )
+
+
+def test_missing_init_adapter_is_one_line(workdir, capsys, snapshot, tiny_phi, sample_path):
+    args = ["--dataset", str(sample_path), "--eval_split", "", "--method", "dpo", "--init_adapter", "sft-model"]
+    message = train_error(args, workdir, capsys, snapshot, tiny_phi)
+    assert message == "--init_adapter sft-model: no such folder; pass the output folder of an SFT run."

@@ -257,3 +257,44 @@ def test_generation_batches_are_bounded_by_the_kv_cache_they_hold(tiny_phi):
         smollm2 = AutoModelForCausalLM.from_config(smollm2, dtype=torch.float32)
     assert kv_cache_bytes_per_token(phi2) == 327_680 and GENERATION_KV_CACHE_BYTES // 327_680 == 16_384
     assert kv_cache_bytes_per_token(smollm2) == 46_080 and GENERATION_KV_CACHE_BYTES // (46_080 * 600) >= 40
+
+
+def test_reply_log_probs_are_the_summed_log_probs_of_each_reply(model, tokenizer):
+    from report import pair_figures, reply_log_probs
+
+    eos = tokenizer.eos_token
+    pair = {"prompt": CONVERSATION[:3], "chosen": CONVERSATION[3:], "rejected": [SHORT[1]]}
+    ((chosen, n_chosen, rejected, n_rejected),) = reply_log_probs(
+        model, tokenizer, Conversations([pair], "pairs"), 512
+    )
+    nll_c, n_c = by_hand_nll(model, tokenizer, CONVERSATION, [" About 6 minutes." + eos])
+    nll_r, n_r = by_hand_nll(model, tokenizer, CONVERSATION[:3] + [SHORT[1]], [" Hello!" + eos])
+    assert (n_chosen, n_rejected) == (n_c, n_r)
+    assert chosen == pytest.approx(-nll_c, abs=1e-4) and rejected == pytest.approx(-nll_r, abs=1e-4)
+    # Summed and per token can disagree: a longer reply loses more log-probability in all.
+    figures = pair_figures([(-10.0, 10, -4.0, 2), (-1.0, 1, -3.0, 1), (-2.0, 2, -2.0, 2), (-1.0, 0, -1.0, 1)])
+    assert figures == {
+        "preference_accuracy": 1 / 3,  # only the second pair; the tie counts as a miss; the last has no token
+        "preference_accuracy_per_token": 2 / 3,  # -1 a token beats -2 a token in the first pair
+        "mean_margin": (-6.0 + 2.0 + 0.0) / 3,
+        "pairs_scored": 3,
+    }
+
+
+def test_every_run_reports_preference_accuracy_on_the_held_out_pairs(tiny_cpu_run, sample_path):
+    from config import DataArguments
+    from data_utils import load_train_and_eval
+
+    _, out, _ = tiny_cpu_run
+    report = json.loads((out / "eval.json").read_text())
+    _, dev_pairs, _ = load_train_and_eval(
+        DataArguments(dataset=str(sample_path), eval_fraction=0.1), held_out_policy="best_vs_rest"
+    )
+    preference = report["preference"]
+    assert preference["pairs"] == len(dev_pairs.examples) > 0  # an SFT run, scored on the dev trees' pairs
+    for name in ("base", "tuned"):
+        assert 0 < preference[name]["pairs_scored"] <= preference["pairs"]
+        assert 0 <= preference[name]["preference_accuracy"] <= 1
+    card, scored = (out / "README.md").read_text(), preference["tuned"]["pairs_scored"]
+    base, tuned = (preference[name]["preference_accuracy"] for name in ("base", "tuned"))
+    assert f"| Preference accuracy, summed log-prob ({scored} held-out pairs) | {base:.1%} | {tuned:.1%} |" in card
