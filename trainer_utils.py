@@ -254,19 +254,6 @@ def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset=N
     DPOTrainer or ORPOTrainer (prompt/chosen/rejected pairs in the same template). Each wraps the model in the LoRA
     adapter (or continues --init_adapter) and runs the loop; its training steps report their loss to a
     `StopOnNonFiniteLoss` callback."""
-    nonfinite = StopOnNonFiniteLoss()
-    trainer_class, trainer_args = method_trainer(training_args)
-
-    class QLoRATrainer(RestoreTrainableDtypesOnResume, trainer_class):
-        """TRL's trainer that resumes in the LoRA weights' own dtype (workarounds.py) and stops on a nan/inf loss."""
-
-        nonfinite_loss = nonfinite
-
-        def training_step(self, *args, **kwargs):
-            loss = super().training_step(*args, **kwargs)
-            nonfinite.observe(loss)
-            return loss
-
     if peft_config is not None and not training_args.init_adapter:
         from adapter_utils import check_lora_targets
 
@@ -281,6 +268,20 @@ def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset=N
         keep_norms_in_float32(model)
     if training_args.init_adapter:
         model, peft_config = load_trainable_adapter(model, training_args.init_adapter), None
+    nonfinite = StopOnNonFiniteLoss()
+    # After the packing check, which may turn packing off: the trainer's arguments are a copy.
+    trainer_class, trainer_args = method_trainer(training_args)
+
+    class QLoRATrainer(RestoreTrainableDtypesOnResume, trainer_class):
+        """TRL's trainer that resumes in the LoRA weights' own dtype (workarounds.py) and stops on a nan/inf loss."""
+
+        nonfinite_loss = nonfinite
+
+        def training_step(self, *args, **kwargs):
+            loss = super().training_step(*args, **kwargs)
+            nonfinite.observe(loss)
+            return loss
+
     trainer = QLoRATrainer(
         model=model,
         args=trainer_args,

@@ -188,6 +188,8 @@ TABLE = [
         "-1",
         "--save_total_limit must be 0 (keep every checkpoint) or more, got -1.",
     ),
+    (TrainingConfig, "beta", "train", "0", "--beta must be above 0, got 0.0."),
+    (TrainingConfig, "beta", "train", "inf", "--beta must be above 0, got inf."),
     (TrainingConfig, "seed", "train", "-1", "--seed must be in [0, 2**32), got -1."),
     (TrainingConfig, "seed", "train", str(2**32), "--seed must be in [0, 2**32), got 4294967296."),
 ]
