@@ -115,14 +115,20 @@ def reply_log_probs(
     their count, and the same for the rejected reply; in the template as DPO and ORPO train on it, cut like the
     held-out loss."""
     limit = scored_token_limit(model, max_length)
-    rows = []
+    # Each distinct (prompt, reply) is scored once: best_vs_rest pairs a context's best reply with each other ranked
+    # reply, so the chosen side repeats (the sample's 97 test pairs hold 142 distinct replies, not 194).
+    rows, row_of_reply, sides_of_pairs = [], {}, []
     for pair in pairs.examples:
         start = len(
             tokenizer.apply_chat_template(pair["prompt"], add_generation_prompt=True, return_dict=True)["input_ids"]
         )
         for side in ("chosen", "rejected"):
             ids = tokenizer.apply_chat_template(pair["prompt"] + pair[side], return_dict=True)["input_ids"][:limit]
-            rows.append((ids, [-100] * min(start, len(ids)) + ids[start:]))
+            labels = [-100] * min(start, len(ids)) + ids[start:]
+            if (key := (tuple(ids), tuple(labels))) not in row_of_reply:
+                row_of_reply[key] = len(rows)
+                rows.append((ids, labels))
+            sides_of_pairs.append(row_of_reply[key])
     # Batched by length, so that a batch pads little; the results are put back in the rows' order below.
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
     rows = [rows[i] for i in order]
@@ -142,7 +148,8 @@ def reply_log_probs(
         ):
             sums[i], counts[i] = total, count
         done += len(labels)
-    return [(sums[i], counts[i], sums[i + 1], counts[i + 1]) for i in range(0, len(sums), 2)]
+    chosen, rejected = sides_of_pairs[0::2], sides_of_pairs[1::2]
+    return [(sums[c], counts[c], sums[r], counts[r]) for c, r in zip(chosen, rejected, strict=True)]
 
 
 def pair_figures(scores: list[tuple[float, int, float, int]]) -> dict:

@@ -437,11 +437,14 @@ def fall_back_to_length_grouping_if_packing_leaks(model, training_args) -> None:
 
 
 def global_batch_message(trainer) -> str:
-    """Processes x micro-batch x accumulation = examples (packed rows when packing) per optimizer step, in the
-    Trainer's own numbers."""
+    """Processes x micro-batch x accumulation = examples (packed rows when packing, pairs for DPO and ORPO) per
+    optimizer step, in the Trainer's own numbers."""
+    from trl import SFTTrainer
+
     args = trainer.args
     processes = f"{args.world_size} process" + ("es" if args.world_size > 1 else "")
     unit = f"packed rows of up to {args.max_length} tokens" if getattr(args, "packing", False) else "examples"
+    unit = unit if isinstance(trainer, SFTTrainer) else "preference pairs"
     message = (
         f"{processes} x micro-batch {args.train_batch_size} x accumulation {args.gradient_accumulation_steps} = "
         f"global batch {trainer.get_total_train_batch_size(args)} {unit} per optimizer step"

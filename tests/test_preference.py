@@ -13,7 +13,7 @@ import train
 from config import ModelArguments, QuantizationArguments
 from data_utils import SAMPLE, load_conversations, to_training_records
 from model_utils import load_model
-from trainer_utils import build_trainer, parse_train_args
+from trainer_utils import build_trainer, global_batch_message, parse_train_args
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIR = {
@@ -67,7 +67,9 @@ def chat_ids(tokenizer, messages, **kwargs) -> list[int]:
 
 
 def test_dpo_trains_on_the_template_tokens(tiny_phi, tokenizer, tmp_path):
-    row = trainer_for("dpo", tiny_phi, tmp_path, tokenizer).train_dataset[0]
+    trainer = trainer_for("dpo", tiny_phi, tmp_path, tokenizer)
+    assert global_batch_message(trainer).endswith(" preference pairs per optimizer step")  # not "examples"
+    row = trainer.train_dataset[0]
     prompt = chat_ids(tokenizer, PAIR["prompt"], add_generation_prompt=True)
     assert tokenizer.decode(prompt) == PROMPT_TEXT
     assert row["prompt_ids"] == prompt

@@ -281,6 +281,26 @@ def test_reply_log_probs_are_the_summed_log_probs_of_each_reply(model, tokenizer
     }
 
 
+def test_a_reply_shared_by_pairs_is_scored_once_with_the_same_result(model, tokenizer, monkeypatch):
+    import report
+
+    # best_vs_rest: one context's best reply against two others; the chosen sequence is the same in both pairs.
+    prompt, best = CONVERSATION[:3], CONVERSATION[3:]
+    others = [[SHORT[1]], [{"role": "assistant", "content": "Six minutes, give or take."}]]
+    pairs = [{"prompt": prompt, "chosen": best, "rejected": other} for other in others]
+    alone = [report.reply_log_probs(model, tokenizer, Conversations([p], "pairs"), 512)[0] for p in pairs]
+    scored_rows = []
+    batches = report.padded_batches
+    monkeypatch.setattr(
+        report, "padded_batches", lambda m, t, rows, n: scored_rows.extend(rows) or batches(m, t, rows, n)
+    )
+    together = report.reply_log_probs(model, tokenizer, Conversations(pairs, "pairs"), 512)
+    assert len(scored_rows) == 3  # the shared chosen reply once, and the two rejected ones
+    assert together[0][0] == together[1][0] and together[0][1] == together[1][1]
+    for got, want in zip(together, alone, strict=True):
+        assert got[1::2] == want[1::2] and got[0::2] == pytest.approx(want[0::2], abs=1e-4)
+
+
 def test_every_run_reports_preference_accuracy_on_the_held_out_pairs(tiny_cpu_run, sample_path):
     from config import DataArguments
     from data_utils import load_train_and_eval
