@@ -2,6 +2,8 @@
 trl.experimental), on oasst1's ranked pairs, in the same template as SFT, token for token."""
 
 import json
+import shlex
+import signal
 from pathlib import Path
 
 import pytest
@@ -152,6 +154,30 @@ def test_dpo_resumes_to_the_same_adapter(dpo_run, tmp_path):
     train.main([*resumed_args, "--max_steps", "4", "--resume"])
     straight, again = (load_file(folder / "adapter_model.safetensors") for folder in (out, resumed))
     assert all(torch.equal(straight[k], again[k]) for k in straight)
+
+
+def test_ctrl_c_during_dpo_saves_a_checkpoint_that_resumes_to_the_same_adapter(dpo_run, tmp_path):
+    """Ctrl-C in DPO goes through SFT's path: a checkpoint (with the reference copy), the command to continue, and
+    that command ends with the adapter of the uninterrupted run."""
+    from test_resume import start, wait_for
+
+    from checkpoint_utils import checkpoint_step, is_complete_checkpoint, latest_checkpoint
+
+    _, straight, args = dpo_run
+    out, log = tmp_path / "model", tmp_path / "train.log"
+    process = start([a if a != str(straight) else str(out) for a in args], log)
+    wait_for(lambda: is_complete_checkpoint(out / "checkpoint-2"), process, log)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 130
+    output = log.read_text()
+    stopped_at = latest_checkpoint(out)
+    assert "Traceback" not in output and f"Stopped by SIGINT at step {checkpoint_step(stopped_at)}" in output
+    assert 2 <= checkpoint_step(stopped_at) < 4 and (stopped_at / "ref").is_dir()
+    command = shlex.split(output.split("Continue with:\n  python ")[1].splitlines()[0])
+    assert command[0] == "train.py" and command[-1] == "--resume"
+    train.main(command[1:])
+    resumed, expected = (load_file(folder / "adapter_model.safetensors") for folder in (out, straight))
+    assert resumed.keys() == expected.keys() and all(torch.equal(resumed[k], expected[k]) for k in expected)
 
 
 def test_orpo_trains_from_the_base(tiny_phi, tmp_path):
