@@ -201,8 +201,9 @@ class TrainingConfig(SFTConfig):
         require(0 <= self.seed < SEED_LIMIT, f"--seed must be in [0, 2**32), got {self.seed}.")
         require(0 < self.beta < math.inf, f"--beta must be above 0, got {self.beta}.")
         require(
-            self.init_adapter is None or self.method != "sft",
-            "--init_adapter starts --method dpo or orpo from an SFT adapter; an SFT run continues with --resume.",
+            not self.init_adapter or self.method == "dpo",
+            "--init_adapter starts --method dpo from an SFT adapter; ORPO trains in one stage from the base, and an "
+            "SFT run continues with --resume.",
         )
 
 

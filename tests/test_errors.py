@@ -322,10 +322,12 @@ def test_dpo_on_your_own_conversations_is_one_line(workdir, chat_file, capsys, s
     )
 
 
-def test_init_adapter_with_sft_is_one_line(workdir, capsys, snapshot, tiny_phi):
-    message = train_error(["--init_adapter", "model"], workdir, capsys, snapshot, tiny_phi)
+@pytest.mark.parametrize("method", ["sft", "orpo"])
+def test_init_adapter_without_dpo_is_one_line(method, workdir, capsys, snapshot, tiny_phi):
+    message = train_error(["--method", method, "--init_adapter", "model"], workdir, capsys, snapshot, tiny_phi)
     assert message == (
-        "--init_adapter starts --method dpo or orpo from an SFT adapter; an SFT run continues with --resume."
+        "--init_adapter starts --method dpo from an SFT adapter; ORPO trains in one stage from the base, and an SFT "
+        "run continues with --resume."
     )
 
 
