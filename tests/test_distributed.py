@@ -261,4 +261,5 @@ def test_dpo_under_torchrun_ends_with_identical_adapters_on_both_processes(tiny_
         assert torch.equal(rank0[name], saved[name]), name
     assert any(not torch.equal(saved[name], start[name]) for name in saved)  # DPO moved it
     assert not (out / "ref").exists() and stdout.count("Saved the adapter to") == 1
-    assert "2 processes x micro-batch 2 x accumulation 1 = global batch 4 examples per optimizer step" in stdout
+    batch = "2 processes x micro-batch 2 x accumulation 1 = global batch 4 preference pairs per optimizer step"
+    assert batch in stdout
