@@ -444,8 +444,12 @@ def global_batch_message(trainer) -> str:
 
     args = trainer.args
     processes = f"{args.world_size} process" + ("es" if args.world_size > 1 else "")
-    unit = f"packed rows of up to {args.max_length} tokens" if getattr(args, "packing", False) else "examples"
-    unit = unit if isinstance(trainer, SFTTrainer) else "preference pairs"
+    if not isinstance(trainer, SFTTrainer):
+        unit = "preference pairs"
+    elif getattr(args, "packing", False):
+        unit = f"packed rows of up to {args.max_length} tokens"
+    else:
+        unit = "examples"
     message = (
         f"{processes} x micro-batch {args.train_batch_size} x accumulation {args.gradient_accumulation_steps} = "
         f"global batch {trainer.get_total_train_batch_size(args)} {unit} per optimizer step"
