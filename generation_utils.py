@@ -7,7 +7,7 @@ import threading
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
+from transformers import LogitsProcessorList, PreTrainedTokenizerBase, RepetitionPenaltyLogitsProcessor
 
 from config import GenerationArguments
 
@@ -31,6 +31,15 @@ def reply_streamer(tokenizer, **kwargs):
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> torch.Tensor:
     """The conversation so far, ending with '### Assistant:', as the model saw it in training."""
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+
+
+def row_repetition_penalty(penalties: list[float], device) -> RepetitionPenaltyLogitsProcessor:
+    """transformers' repetition penalty with a value for each row, so that replies decoded with and without a penalty
+    share one batch (on CPU one generate call of 2N rows is about a quarter faster than two of N). The arithmetic is
+    transformers' own: its 2-D path broadcasts a column of penalties like a single one."""
+    processor = RepetitionPenaltyLogitsProcessor(1.0)
+    processor.penalty = torch.tensor(penalties, dtype=torch.float32, device=device)[:, None]
+    return processor
 
 
 class Reply(str):
@@ -71,12 +80,14 @@ def generate_replies(
     adapter_names: list[str] | None = None,
     stop_strings: list[str] | None = None,
     count_tokens: bool = False,
+    repetition_penalties: list[float] | None = None,
 ) -> list[dict]:
     """The next reply to each conversation, in order, generated in batches with left padding (so that every row's
     new tokens start at the same position): [{"reply": text, "stopped": ended with EOS within the budget}].
     `adapter_names` (PEFT models): the adapter for each conversation's row, "__base__" for none. `stop_strings`: a row
     also ends where one of these appears (it stays in the reply, and the row does not count as stopped).
-    `count_tokens`: also "new_tokens", the reply's length in generated tokens (an EOS that ended it included)."""
+    `count_tokens`: also "new_tokens", the reply's length in generated tokens (an EOS that ended it included).
+    `repetition_penalties`: each conversation's own penalty, in place of gen_args' one."""
     if gen_args.seed is not None:
         torch.manual_seed(gen_args.seed)
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -93,10 +104,12 @@ def generate_replies(
                 return_dict=True,
             ).to(model.device)
             per_row = {} if adapter_names is None else {"adapter_names": adapter_names[start : start + batch_size]}
+            if repetition_penalties is not None:
+                penalties = row_repetition_penalty(repetition_penalties[start : start + batch_size], model.device)
+                per_row |= {"repetition_penalty": 1.0, "logits_processor": LogitsProcessorList([penalties])}
             output = model.generate(
                 **batch,
-                **gen_args.generate_kwargs(),
-                **per_row,
+                **(gen_args.generate_kwargs() | per_row),
                 **({"stop_strings": stop_strings, "tokenizer": tokenizer} if stop_strings else {}),
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,

@@ -187,7 +187,7 @@ def kv_cache_bytes_per_token(model) -> int:
 def generate_replies(model, tokenizer, prompts, max_new_tokens: int, repetition_penalty: float = 1.0, **per_row):
     """Greedy replies, batched (generation_utils.generate_replies) within GENERATION_KV_CACHE_BYTES of KV cache a
     batch, each marked clean when it stopped at EOS without inventing a "### Human:" turn. `per_row`:
-    `adapter_names` for PEFT models."""
+    `adapter_names` for PEFT models, `repetition_penalties` in place of `repetition_penalty`."""
     from generation_utils import generate_replies as batched
     from generation_utils import prompt_length
 
@@ -237,23 +237,26 @@ def losses(model, tokenizer, held_out: Conversations, max_length: int | None) ->
     return result
 
 
-def clean_stops(model, tokenizer, prompts: list, max_new_tokens: int, repetition_penalty: float) -> dict:
-    """Greedy replies of every side, in one batch (PEFT runs each row with the adapter it names, "__base__" without
-    one, so all sides get the same prompts and padding in one generate call): clean-stop rate and reply lengths."""
+def clean_stops(model, tokenizer, prompts: list, max_new_tokens: int, penalties: dict[str, float]) -> dict:
+    """Greedy replies of every side under each repetition penalty in `penalties` ({"documented": 1.1, "greedy": 1.0}),
+    all in one batch (PEFT runs each row with the adapter it names, "__base__" without one; each row has its own
+    penalty), so every side and decoding gets the same prompts and padding: clean-stop rate and reply lengths, by
+    decoding, then side."""
     adapters = sides(model)
+    rows = [(decoding, name) for decoding in penalties for name in adapters]
     replies = generate_replies(
         model,
         tokenizer,
-        prompts * len(adapters),
+        prompts * len(rows),
         max_new_tokens,
-        repetition_penalty,
-        adapter_names=[adapter for adapter in adapters.values() for _ in prompts],
+        adapter_names=[adapters[name] for _, name in rows for _ in prompts],
+        repetition_penalties=[penalties[decoding] for decoding, _ in rows for _ in prompts],
     )
-    result = {}
-    for i, name in enumerate(adapters):
+    result = {decoding: {} for decoding in penalties}
+    for i, (decoding, name) in enumerate(rows):
         side = replies[i * len(prompts) : (i + 1) * len(prompts)]
         lengths = sorted(r["new_tokens"] for r in side)
-        result[name] = {
+        result[decoding][name] = {
             "clean_stop_rate": sum(r["clean"] for r in side) / max(len(side), 1),
             "median_reply_tokens": lengths[len(lengths) // 2] if lengths else 0,
             "replies": side,
@@ -274,13 +277,16 @@ def figures(model, tokenizer, held_out: Conversations, report_args, max_length: 
     openings = {e["messages"][0]["content"]: e["messages"][:1] for e in held_out.examples}
     prompts = [p for p in openings.values() if prompt_length(tokenizer, p) <= room][: report_args.report_prompts]
     result = losses(model, tokenizer, held_out, max_length)
-    logger.info("Base and tuned replies to %d held-out prompts...", len(prompts))
     penalty = report_args.report_repetition_penalty
-    documented = clean_stops(model, tokenizer, prompts, report_args.report_max_new_tokens, penalty)
-    greedy = documented
-    if penalty != 1.0:
-        logger.info("The same prompts under plain greedy decoding...")
-        greedy = clean_stops(model, tokenizer, prompts, report_args.report_max_new_tokens, 1.0)
+    decodings = {"documented": penalty, "greedy": 1.0} if penalty != 1.0 else {"documented": penalty}
+    logger.info(
+        "Base and tuned replies to %d held-out prompts (%s)...",
+        len(prompts),
+        f"repetition penalty {penalty:g}, and plain greedy" if penalty != 1.0 else "plain greedy",
+    )
+    stops = clean_stops(model, tokenizer, prompts, report_args.report_max_new_tokens, decodings)
+    documented = stops["documented"]
+    greedy = stops.get("greedy", documented)
     for name in documented:
         result[name].update(documented[name])
     result["greedy"] = {name: {k: v for k, v in greedy[name].items() if k != "replies"} for name in greedy}

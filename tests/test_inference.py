@@ -136,6 +136,19 @@ def test_batched_generation_reports_the_reply_before_eos(yes_adapter):
     assert results == [{"reply": "Yes.", "stopped": True}, {"reply": "Yes.", "stopped": True}]
 
 
+def test_a_repetition_penalty_for_each_row_decodes_each_row_as_that_penalty_alone(base_model):
+    """The report decodes with its repetition penalty and without one in the same batch: each row as transformers'
+    own repetition_penalty decodes it."""
+    model, tokenizer = base_model
+    prompts = [[user("Is the grass green?")], [user("Tell me about the sea and the sky.")]]
+    plain = GenerationArguments(max_new_tokens=24, temperature=0)
+    penalty = GenerationArguments(max_new_tokens=24, temperature=0, repetition_penalty=3.0)
+    mixed = generate_replies(model, tokenizer, prompts * 2, plain, repetition_penalties=[3.0, 3.0, 1.0, 1.0])
+    alone = generate_replies(model, tokenizer, prompts, penalty) + generate_replies(model, tokenizer, prompts, plain)
+    assert mixed == alone
+    assert alone[:2] != alone[2:]  # the penalty changes these replies, so each row's own penalty is really checked
+
+
 def test_chat_keeps_history_drops_old_turns_resets_and_exits(tiny_phi, base_model):
     model, tokenizer = base_model
     first = "Hello! I would like to ask you a few questions about cooking pasta at home."
