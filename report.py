@@ -165,13 +165,27 @@ def pair_figures(scores: list[tuple[float, int, float, int]]) -> dict:
     }
 
 
+def reward_accuracy(tuned: list[tuple], start: list[tuple]) -> float:
+    """The share of pairs where training raised the chosen reply's log-probability more than the rejected one's,
+    against the model the run started from: DPO's implicit reward (TRL logs it as rewards/accuracies), which a
+    large gap in summed log-probability between two replies can hide from the preference accuracy. Over the pairs
+    pair_figures scores; ties count as misses."""
+    scored = [(t, s) for t, s in zip(tuned, start, strict=True) if t[1] and t[3]]
+    return sum(t[0] - s[0] > t[2] - s[2] for t, s in scored) / max(len(scored), 1)
+
+
 def preference_accuracy(model, tokenizer, pairs: Conversations, max_length: int | None) -> dict:
-    """Preference accuracy on held-out pairs of every side (base, the start adapter, tuned)."""
-    result = {}
+    """Preference accuracy on held-out pairs of every side (base, the start adapter, tuned), and the tuned model's
+    reward accuracy against the side it started from (the start adapter, else the base)."""
+    result, scores = {}, {}
     for name, adapter in sides(model).items():
         logger.info("Preference accuracy of the %s model on %d pairs...", name, len(pairs.examples))
         with running(model, adapter):
-            result[name] = pair_figures(reply_log_probs(model, tokenizer, pairs, max_length))
+            scores[name] = reply_log_probs(model, tokenizer, pairs, max_length)
+        result[name] = pair_figures(scores[name])
+    start = "sft" if "sft" in scores else "base"
+    result["tuned"]["reward_accuracy"] = reward_accuracy(scores["tuned"], scores[start])
+    result["reward_against"] = start
     result["pairs"] = len(pairs.examples)
     return result
 
@@ -406,6 +420,10 @@ def card_body(name: str, run: dict, data: dict, train_metrics: dict, report: dic
                 f"\n| Preference accuracy, {label} log-prob ({preference['tuned']['pairs_scored']} held-out pairs) "
                 f"| {preference['base'][key]:.1%} | {preference['tuned'][key]:.1%} |"
             )
+        rows += (
+            f"\n| Reward accuracy: training raised the chosen reply more than the rejected one (against the "
+            f"{preference['reward_against']} model) | | {preference['tuned']['reward_accuracy']:.1%} |"
+        )
     if "sft" in report:  # the SFT adapter a DPO or ORPO run started from
         rows += (
             f"\n| The SFT adapter it started from: held-out loss, clean stop | | {report['sft']['heldout_loss']:.4f}, "
@@ -691,7 +709,8 @@ def summary(report: dict) -> str:
         )
         lines.append(
             f"preference accuracy on {preference['tuned']['pairs_scored']} held-out pairs (summed / per-token "
-            f"log-prob): {shown}"
+            f"log-prob): {shown}; reward accuracy (tuned against {preference['reward_against']}) "
+            f"{preference['tuned']['reward_accuracy']:.1%}"
         )
     return "\n".join(lines)
 

@@ -145,6 +145,37 @@ def test_sft_adapter_moved_the_log_probs(tiny_phi, sft_adapter):
     assert sum(shifts) / len(shifts) > 1.0  # nats: x beta 0.1 = rewards far above the 1e-2 of the test above
 
 
+def test_a_dpo_report_scores_base_sft_and_dpo_and_the_reward_against_the_sft_adapter(dpo_run, sft_adapter, tmp_path):
+    import shutil
+
+    import yaml
+
+    import report
+    from adapter_utils import load_chat_model
+    from config import DataArguments
+
+    _, out, _ = dpo_run
+    folder = tmp_path / "model"  # a copy: the report writes its files beside the adapter other tests read
+    shutil.copytree(out, folder)
+    result = report.main(["--model_dir", str(folder), "--report_prompts", "2", "--report_max_new_tokens", "4"])
+    preference = result["preference"]
+    assert {"base", "sft", "tuned"} <= preference.keys() and preference["reward_against"] == "sft"
+    # By hand: the DPO adapter against the SFT adapter it started from (DPO's reference), pair by pair.
+    run = yaml.safe_load((folder / "run_config.yaml").read_text())
+    pairs = report.held_out_pairs(report.settings(DataArguments, run), result["heldout_part"])
+    model, tokenizer = load_chat_model(folder)
+    tuned = report.reply_log_probs(model, tokenizer, pairs, run["max_length"])
+    model.load_adapter(str(sft_adapter), adapter_name="sft")
+    model.set_adapter("sft")
+    start = report.reply_log_probs(model, tokenizer, pairs, run["max_length"])
+    raised = [t[0] - s[0] > t[2] - s[2] for t, s in zip(tuned, start, strict=True) if t[1] and t[3]]
+    assert len(raised) == preference["tuned"]["pairs_scored"] > 0
+    assert preference["tuned"]["reward_accuracy"] == pytest.approx(sum(raised) / len(raised))
+    accuracy = f"{preference['tuned']['reward_accuracy']:.1%}"
+    assert f"(against the sft model) | | {accuracy} |" in (folder / "README.md").read_text()
+    assert f"reward accuracy (tuned against sft) {accuracy}" in report.summary(result)
+
+
 def test_dpo_resumes_to_the_same_adapter(dpo_run, tmp_path):
     """Stopped after step 2 and resumed, DPO ends bit-identical to the run that went straight to step 4."""
     _, out, args = dpo_run

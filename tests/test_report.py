@@ -318,3 +318,19 @@ def test_every_run_reports_preference_accuracy_on_the_held_out_pairs(tiny_cpu_ru
     card, scored = (out / "README.md").read_text(), preference["tuned"]["pairs_scored"]
     base, tuned = (preference[name]["preference_accuracy"] for name in ("base", "tuned"))
     assert f"| Preference accuracy, summed log-prob ({scored} held-out pairs) | {base:.1%} | {tuned:.1%} |" in card
+    # An SFT run's reward accuracy is against the base it started from.
+    assert preference["reward_against"] == "base" and 0 <= preference["tuned"]["reward_accuracy"] <= 1
+    assert f"(against the base model) | | {preference['tuned']['reward_accuracy']:.1%} |" in card
+
+
+def test_reward_accuracy_counts_what_training_moved_not_where_the_replies_stand():
+    from report import reward_accuracy
+
+    start = [(-30.0, 10, -10.0, 5), (-30.0, 10, -10.0, 5), (-5.0, 2, -5.0, 2), (-1.0, 0, -1.0, 1)]
+    tuned = [
+        (-25.0, 10, -10.0, 5),  # chosen up 5 nats, rejected level: a hit, though rejected still scores higher
+        (-31.0, 10, -10.5, 5),  # chosen down 1, rejected down 0.5: a miss, though both fell
+        (-4.0, 2, -4.0, 2),  # both up by the same: a tie, a miss
+        (-9.0, 0, -1.0, 1),  # no chosen token in the budget: not counted
+    ]
+    assert reward_accuracy(tuned, start) == 1 / 3
