@@ -95,7 +95,7 @@ def train(args: list[str] | None):
     if is_main_process():  # the process that writes checkpoints
         if training_args.overwrite:
             checkpoint_utils.remove_previous_run(output_dir)
-        checkpoint_utils.remove_incomplete_checkpoints(output_dir, resume_from)
+        checkpoint_utils.remove_interrupted_saves(output_dir, resume_from)
     with stop_on_signal(trainer) as stop:
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     exit_if_stopped(trainer, stop, [sys.argv[0], *(sys.argv[1:] if args is None else args)])

@@ -87,6 +87,14 @@ def wait_for(condition, process: subprocess.Popen, log: Path, timeout: float = 2
         time.sleep(0.005)
 
 
+def refusal(args: list[str], capsys) -> str:
+    """What train.main prints when it refuses these arguments: one line on stderr, exit code 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(args)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
 def test_kill_9_at_random_points_then_resume_equals_the_uninterrupted_run(run_args, reference, tmp_path):
     out = tmp_path / "model"
     args = [*run_args, "--output_dir", str(out)]
@@ -145,10 +153,7 @@ def test_signal_saves_a_checkpoint_and_says_how_to_resume(signum, run_args, refe
 
 def test_a_finished_run_is_never_overwritten(run_args, reference, snapshot, capsys):
     before = snapshot(reference)
-    with pytest.raises(SystemExit) as exit_info:
-        train.main([*run_args, "--output_dir", str(reference)])
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err == (
+    assert refusal([*run_args, "--output_dir", str(reference)], capsys) == (
         f"error: {reference} holds a finished run: pass --overwrite to replace it, --resume with a larger "
         "--max_steps to extend it, or choose another --output_dir.\n"
     )
@@ -160,10 +165,7 @@ def test_checkpoints_without_a_final_adapter_ask_for_resume(run_args, reference,
     out.mkdir()
     shutil.copytree(reference / "checkpoint-5", out / "checkpoint-5")
     before = snapshot(out)
-    with pytest.raises(SystemExit) as exit_info:
-        train.main([*run_args, "--output_dir", str(out)])
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err == (
+    assert refusal([*run_args, "--output_dir", str(out)], capsys) == (
         f"error: {out} holds the checkpoints of an unfinished run (up to checkpoint-5): continue it with --resume, "
         "or pass --overwrite to start over.\n"
     )
@@ -196,3 +198,123 @@ def test_a_second_signal_aborts_at_once():
     assert control.should_save and control.should_training_stop and stop.signal_name == "SIGINT"
     with pytest.raises(KeyboardInterrupt):  # train.py turns it into "error: aborted ..." and exit code 130
         stop.handle(signal.SIGINT, None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints of other launches, and damaged ones: kept, and a one-line answer
+
+
+def fsdp_checkpoint(source: Path, dest: Path, layout: str) -> Path:
+    """A copy of a checkpoint as a 2-process FSDP run writes it, with accelerate's file names (save_fsdp_model and
+    save_fsdp_optimizer): the full state dict (pytorch_model_fsdp.bin, optimizer.bin) or the sharded one (folders of
+    torch.distributed.checkpoint shards); one RNG state per process."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    shutil.copytree(source, dest)
+    optimizer = torch.load(dest / "optimizer.pt", weights_only=True)
+    (dest / "optimizer.pt").unlink()
+    if layout == "full state dict":
+        torch.save(optimizer, dest / "optimizer.bin")
+        torch.save(load_file(dest / "adapter_model.safetensors"), dest / "pytorch_model_fsdp.bin")
+    else:
+        names = {index: f"lora_{index}" for index in optimizer["state"]}  # FSDP keys the states by parameter name
+        state = {names[index]: values for index, values in optimizer["state"].items()}
+        groups = [{**group, "params": [names[i] for i in group["params"]]} for group in optimizer["param_groups"]]
+        dcp.save({"optimizer": {"state": state, "param_groups": groups}}, checkpoint_id=dest / "optimizer_0")
+        dcp.save(dict(load_file(dest / "adapter_model.safetensors")), checkpoint_id=dest / "pytorch_model_fsdp_0")
+    (dest / "rng_state.pth").rename(dest / "rng_state_0.pth")
+    shutil.copy(dest / "rng_state_0.pth", dest / "rng_state_1.pth")
+    return dest
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")  # dcp.save in one process
+@pytest.mark.parametrize("layout", ["full state dict", "sharded"])
+def test_fsdp_checkpoints_are_complete_kept_by_a_fresh_start_and_resumed_under_fsdp(
+    layout, run_args, reference, tmp_path, snapshot, capsys, monkeypatch
+):
+    from checkpoint_utils import check_output_dir, remove_interrupted_saves
+
+    out = tmp_path / "model"
+    checkpoint = fsdp_checkpoint(reference / "checkpoint-6", out / "checkpoint-6", layout)
+    assert is_complete_checkpoint(checkpoint) and latest_checkpoint(out) == checkpoint
+    before = snapshot(out)
+    # A fresh start asks for --resume (it used to delete the checkpoint as a save cut short).
+    assert refusal([*run_args, "--output_dir", str(out)], capsys) == (
+        f"error: {out} holds the checkpoints of an unfinished run (up to checkpoint-6): continue it with --resume, "
+        "or pass --overwrite to start over.\n"
+    )
+    # --resume without FSDP would fail in the Trainer (it reads optimizer.pt): one line instead.
+    assert refusal([*run_args, "--output_dir", str(out), "--max_steps", "8", "--resume"], capsys) == (
+        f"error: --resume: {checkpoint} was saved under FSDP (accelerate's optimizer files): resume it as it was "
+        "launched, with accelerate launch and its FSDP config.\n"
+    )
+    assert snapshot(out) == before
+    # Under accelerate launch with FSDP (which sets this variable in every process), --resume takes it.
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert check_output_dir(out, resume=True) == checkpoint
+    # Before training, only a save cut short (no trainer_state.json) is removed.
+    (out / "checkpoint-7").mkdir()
+    shutil.copy(checkpoint / "adapter_model.safetensors", out / "checkpoint-7")
+    remove_interrupted_saves(out, checkpoint)
+    assert snapshot(out) == before
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+ZIP_CUT_SHORT = "not a whole torch.save archive: File is not a zip file"
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "scheduler.pt", "rng_state.pth"])
+def test_resume_names_a_damaged_file_and_the_checkpoint_before_it(
+    name, run_args, reference, tmp_path, snapshot, capsys, caplog
+):
+    out = tmp_path / "model"
+    shutil.copytree(reference, out)
+    truncate(out / "checkpoint-6" / name)
+    before = snapshot(out)
+    args = [*run_args, "--output_dir", str(out), "--max_steps", "8", "--resume"]
+    assert refusal(args, capsys) == (
+        f"error: --resume: {out / 'checkpoint-6' / name} is damaged ({ZIP_CUT_SHORT}); nothing was deleted: move "
+        f"{out / 'checkpoint-6'} out of {out}, and --resume continues from checkpoint-5.\n"
+    )
+    assert snapshot(out) == before
+    if name != "optimizer.pt":
+        return
+    # Doing what it says continues the run from checkpoint-5 to the new end.
+    (out / "checkpoint-6").rename(tmp_path / "checkpoint-6")
+    with caplog.at_level("INFO"):
+        trainer, _ = train.main(args)
+    assert f"Resuming from {out / 'checkpoint-5'}" in caplog.messages
+    assert trainer.state.global_step == 8 and is_complete_checkpoint(out / "checkpoint-8")
+
+
+def test_resume_without_a_readable_checkpoint_says_to_start_over(run_args, reference, tmp_path, snapshot, capsys):
+    out = tmp_path / "model"
+    shutil.copytree(reference, out)
+    for checkpoint in checkpoints(out):
+        truncate(checkpoint / "optimizer.pt")
+    before = snapshot(out)
+    assert refusal([*run_args, "--output_dir", str(out), "--max_steps", "8", "--resume"], capsys) == (
+        f"error: --resume: {out / 'checkpoint-6' / 'optimizer.pt'} is damaged ({ZIP_CUT_SHORT}); nothing was "
+        "deleted: no older checkpoint can be resumed: pass --overwrite instead of --resume to start over.\n"
+    )
+    assert snapshot(out) == before
+
+
+def test_a_finished_save_that_lacks_a_file_is_kept_and_named(run_args, reference, tmp_path, snapshot, capsys):
+    out = tmp_path / "model"
+    for step in (5, 6):
+        shutil.copytree(reference / f"checkpoint-{step}", out / f"checkpoint-{step}")
+    (out / "checkpoint-6" / "scheduler.pt").unlink()
+    assert not is_complete_checkpoint(out / "checkpoint-6") and latest_checkpoint(out) == out / "checkpoint-5"
+    before = snapshot(out)
+    fresh_start = refusal([*run_args, "--output_dir", str(out)], capsys)
+    assert "holds the checkpoints of an unfinished run (up to checkpoint-6)" in fresh_start
+    assert refusal([*run_args, "--output_dir", str(out), "--resume"], capsys) == (
+        f"error: --resume: {out / 'checkpoint-6'} lacks the scheduler state; nothing was deleted: move "
+        f"{out / 'checkpoint-6'} out of {out}, and --resume continues from checkpoint-5.\n"
+    )
+    assert snapshot(out) == before
