@@ -39,7 +39,8 @@ logger = logging.getLogger(__name__)
 # The report's batches are bounded in memory, not rows, so that they fit a 15 GB T4 next to Phi-2 (README, "GPUs
 # and precision", has the arithmetic): a generate call holds the KV cache of every prompt and reply token in it (5 GiB:
 # 16,384 tokens of Phi-2 in fp16, all of a small model's rows at once), a loss forward the logits (a vocabulary's
-# worth of them) of every token in it.
+# worth of them) of every token in it, and no KV cache (use_cache=False: Phi-2's config turns it on, and a 2,048-token
+# batch's cache would be 0.6 GiB in fp16 that nothing reads).
 GENERATION_KV_CACHE_BYTES = 5 * 2**30
 LOSS_BATCH_TOKENS = 2048
 REPORT_PAIR_POLICY = "best_vs_rest"
@@ -98,7 +99,7 @@ def assistant_token_loss(
     rows = [loss_labels(tokenizer, e["messages"], conversations.loss_on, limit) for e in conversations.examples]
     total, count = 0.0, 0
     for input_ids, attention, labels in padded_batches(model, tokenizer, rows, batch_tokens):
-        logits = model(input_ids=input_ids, attention_mask=attention).logits
+        logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
         shifted = labels[:, 1:]
         trained = shifted != -100  # float32 logits for these tokens only, not for every position of the batch
         nll = torch.nn.functional.cross_entropy(logits[:, :-1][trained].float(), shifted[trained], reduction="sum")
@@ -135,7 +136,7 @@ def reply_log_probs(
     sums, counts = [0.0] * len(rows), [0] * len(rows)
     done = 0
     for input_ids, attention, labels in padded_batches(model, tokenizer, rows, batch_tokens):
-        logits = model(input_ids=input_ids, attention_mask=attention).logits
+        logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
         shifted = labels[:, 1:]
         trained = shifted != -100
         log_probs = -torch.nn.functional.cross_entropy(

@@ -334,3 +334,22 @@ def test_reward_accuracy_counts_what_training_moved_not_where_the_replies_stand(
         (-9.0, 0, -1.0, 1),  # no chosen token in the budget: not counted
     ]
     assert reward_accuracy(tuned, start) == 1 / 3
+
+
+def test_the_loss_forwards_build_no_kv_cache(model, tokenizer):
+    """Phi-2's config has use_cache true: a plain forward builds a KV cache for every token of the batch, which the
+    report's scoring never reads (for a 2,048-token batch of Phi-2 in fp16, 0.6 GiB)."""
+    from report import reply_log_probs
+
+    outputs = []
+    hook = model.register_forward_hook(lambda module, args, output: outputs.append(output))
+    try:
+        ids = torch.tensor([tokenizer("Hello there")["input_ids"]])
+        assert model.config.use_cache and model(input_ids=ids).past_key_values is not None  # what a plain call does
+        outputs.clear()
+        assistant_token_loss(model, tokenizer, Conversations([{"messages": CONVERSATION}], "all"), 512)
+        pair = {"prompt": CONVERSATION[:3], "chosen": CONVERSATION[3:], "rejected": [SHORT[1]]}
+        reply_log_probs(model, tokenizer, Conversations([pair], "pairs"), 512)
+    finally:
+        hook.remove()
+    assert len(outputs) == 2 and all(output.past_key_values is None for output in outputs)
