@@ -43,8 +43,9 @@ class InferenceArguments:
     merge_to: str | None = field(
         default=None, metadata={"help": "Write a standalone model (base + merged adapter) to this folder."}
     )
-    merge_dtype: Literal["bfloat16", "float16", "float32"] = field(
-        default="bfloat16", metadata={"help": "dtype of the merged model (bfloat16: Phi-2's own)."}
+    merge_dtype: Literal["auto", "bfloat16", "float16", "float32"] = field(
+        default="auto",
+        metadata={"help": "dtype of the merged model; auto: the GPU's compute dtype (fp16 on a T4), bfloat16 on CPU."},
     )
     max_input_tokens: int | None = field(
         default=None, metadata={"help": "Longest prompt in tokens; default: the context minus --max-new-tokens."}
@@ -248,12 +249,16 @@ def merge(model_args: ChatModelArguments, inference_args: InferenceArguments) ->
     if out.exists() and any(out.iterdir()):
         fail(f"{out} already exists and is not empty: choose a new folder for the merged model.")
     from adapter_utils import merge_adapter
+    from quantization_utils import dtype_name, merge_dtype, this_device
 
+    dtype = inference_args.merge_dtype
+    if dtype == "auto":
+        dtype = dtype_name(merge_dtype(*this_device()))
     try:
-        merged = merge_adapter(model_args.adapter, out, model_args.base, inference_args.merge_dtype)
+        merged = merge_adapter(model_args.adapter, out, model_args.base, dtype)
     except UserError as e:
         fail(str(e))
-    notice(f"wrote the merged model ({inference_args.merge_dtype}) and its tokenizer to {merged}")
+    notice(f"wrote the merged model ({dtype}) and its tokenizer to {merged}")
     return merged
 
 

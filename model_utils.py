@@ -15,9 +15,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from config import ModelArguments, QuantizationArguments, UserError
 from data_utils import CHAT_TEMPLATE, PORTABLE_CHAT_TEMPLATE
-from quantization_utils import build_bnb_config, compute_dtype, fsdp_enabled, quant_storage_dtype
+from quantization_utils import build_bnb_config, compute_dtype, fsdp_enabled, quant_storage_dtype, this_device
 
 logger = logging.getLogger(__name__)
+
+# flash-attn 2 runs on Ampere and newer GPUs only (compute capability 8.0: A100, A10, L4, RTX 30xx and up).
+FLASH_ATTENTION_CAPABILITY = (8, 0)
 
 
 class ModelError(UserError):
@@ -78,10 +81,9 @@ def load_model(
         raise ModelError(
             "FSDP shards only float tensors: use --bnb_4bit_quant_storage auto (the compute dtype) with FSDP."
         )
-    attn = model_args.attn_implementation
-    if attn == "flash_attention_2" and not torch.cuda.is_available():
-        logger.warning("--attn_implementation flash_attention_2 needs a CUDA GPU: using sdpa on CPU.")
-        attn = "sdpa"
+    attn, warning = device_attention(model_args.attn_implementation, *this_device())
+    if warning:
+        logger.warning(warning)
     name = model_args.model_name_or_path
     check_model_source(name)
     folder = Path(name).expanduser()
@@ -114,6 +116,23 @@ def load_model(
     except ValueError as e:  # a config.json naming an architecture transformers does not know, or without model_type
         raise ModelError(f"cannot load a model from {name}: {first_line(e)}") from None
     return model
+
+
+def device_attention(requested: str, kind: str, capability: tuple[int, int] | None = None) -> tuple[str, str | None]:
+    """The attention kernel to load with on a device of this kind and compute capability, and the warning when it is
+    not the one asked for: flash-attention 2 falls back to sdpa on CPU and below compute capability 8.0 (a T4, a V100),
+    where it would fail at the first forward pass."""
+    if requested != "flash_attention_2":
+        return requested, None
+    if kind != "cuda":
+        return "sdpa", "--attn_implementation flash_attention_2 needs a CUDA GPU: using sdpa on CPU."
+    if tuple(capability) < FLASH_ATTENTION_CAPABILITY:
+        major, minor = capability
+        return "sdpa", (
+            f"--attn_implementation flash_attention_2 needs compute capability 8.0 or newer (this GPU has "
+            f"{major}.{minor}): using sdpa."
+        )
+    return requested, None
 
 
 def first_line(error: Exception) -> str:

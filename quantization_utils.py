@@ -2,10 +2,12 @@
 
 The decision is a pure function of the device (`device_precision(kind, capability)`): bf16 on GPUs that compute in it
 natively (compute capability 8.0 and up: A100, L4, RTX 30xx and newer), fp16 on older GPUs (T4, V100), float32 on
-CPU. `compute_dtype` (what the matmuls run in) and `training_precision` (the Trainer's bf16/fp16 flags, and the
-optimizer fallbacks) both follow from it, here and nowhere else.
+CPU. `compute_dtype` (what the matmuls run in), `training_precision` (the Trainer's bf16/fp16 flags, and the optimizer
+fallbacks), `training_compute_dtype` (a training run's 'auto': its mixed precision, when --bf16/--fp16 say) and
+`merge_dtype` (--merge-dtype auto) all follow from it, here and nowhere else.
 """
 
+import dataclasses
 import functools
 import logging
 import os
@@ -51,13 +53,45 @@ def mixed_precision(native: torch.dtype, bf16: bool | None, fp16: bool | None) -
     return bool(bf16), bool(fp16)
 
 
+def training_compute_dtype(
+    kind: str, capability: tuple[int, int] | None, bf16: bool | None, fp16: bool | None
+) -> torch.dtype:
+    """--bnb_4bit_compute_dtype auto in a training run: on a GPU, the dtype of the mixed precision it trains in (as
+    `mixed_precision` decides from --bf16/--fp16; None: not given), so that --fp16 true on an A100 computes in
+    float16 and --bf16 false --fp16 false in float32; on CPU, float32 whatever the flags (a bf16 CPU run autocasts
+    its matmuls, and float32 weights keep everything else exact)."""
+    native, _ = device_precision(kind, capability)
+    if kind != "cuda":
+        return native
+    bf16, fp16 = mixed_precision(native, bf16, fp16)
+    return torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
+
+
+def merge_dtype(kind: str, capability: tuple[int, int] | None = None) -> torch.dtype:
+    """--merge-dtype auto: on a GPU, the dtype it computes in (bf16 from compute capability 8.0, fp16 below: a T4
+    would run a bf16 model emulated); on CPU, bfloat16: half of float32's size, float32's range (Phi-2 overflows in
+    fp16 attention), and native on the GPUs that serve most."""
+    if kind != "cuda":
+        return torch.bfloat16
+    return device_precision(kind, capability)[0]
+
+
+def this_device() -> tuple[str, tuple[int, int] | None]:
+    """This process's device: ("cuda", its compute capability) or ("cpu", None), for the decisions above."""
+    if torch.cuda.is_available():
+        return "cuda", torch.cuda.get_device_capability(torch.cuda.current_device())
+    return "cpu", None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bfloat16", the spelling of the dtype flags."""
+    return str(dtype).removeprefix("torch.")
+
+
 @functools.cache
 def this_device_precision() -> torch.dtype:
     """`device_precision` for this process's device; its warning is logged once."""
-    if torch.cuda.is_available():
-        dtype, warning = device_precision("cuda", torch.cuda.get_device_capability(torch.cuda.current_device()))
-    else:
-        dtype, warning = device_precision("cpu")
+    dtype, warning = device_precision(*this_device())
     if warning:
         logger.warning(warning)
     return dtype
@@ -68,6 +102,15 @@ def compute_dtype(args: QuantizationArguments) -> torch.dtype:
     if args.bnb_4bit_compute_dtype != "auto":
         return getattr(torch, args.bnb_4bit_compute_dtype)
     return this_device_precision()
+
+
+def for_training(args: QuantizationArguments, bf16: bool | None, fp16: bool | None) -> QuantizationArguments:
+    """The settings a training run loads its base with: a compute dtype of 'auto' becomes `training_compute_dtype` on
+    this device (run_config.yaml keeps 'auto', so that the report and inference choose for their own device)."""
+    if args.bnb_4bit_compute_dtype != "auto":
+        return args
+    dtype = training_compute_dtype(*this_device(), bf16, fp16)
+    return dataclasses.replace(args, bnb_4bit_compute_dtype=dtype_name(dtype))
 
 
 def training_precision(bf16: bool | None, fp16: bool | None, optim: str) -> tuple[bool, bool, str]:

@@ -46,6 +46,7 @@ def train(args: list[str] | None):
     from adapter_utils import build_lora_config
     from data_utils import load_train_and_eval, prepare_examples, to_training_records
     from model_utils import describe_hardware, is_main_process, load_model, load_tokenizer, save_tokenizer
+    from quantization_utils import dtype_name, for_training
     from trainer_utils import (
         build_trainer,
         drop_reference_adapter,
@@ -75,9 +76,12 @@ def train(args: list[str] | None):
     )
     train_data = prepare_examples(train_data, tokenizer, training_args.max_length, data_args.long_examples)
 
-    # 3. The 4-bit base, and the trainer for --method: TRL's SFTTrainer tokenizes, masks the loss to assistant turns
-    # and adds the adapter; its DPOTrainer or ORPOTrainer does the same for pairs (or continues --init_adapter).
-    model = load_model(model_args, quant_args, training_args.trust_remote_code)
+    # 3. The 4-bit base, computing in the run's mixed precision, and the trainer for --method: TRL's SFTTrainer
+    # tokenizes, masks the loss to assistant turns and adds the adapter; its DPOTrainer or ORPOTrainer does the same
+    # for pairs (or continues --init_adapter).
+    loading = for_training(quant_args, training_args.bf16, training_args.fp16)
+    model = load_model(model_args, loading, training_args.trust_remote_code)
+    logger.info("The base computes in %s.", dtype_name(model.dtype))
     trainer = build_trainer(
         model,
         tokenizer,

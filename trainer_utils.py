@@ -351,8 +351,9 @@ def drop_reference_adapter(trainer) -> None:
 def keep_norms_in_float32(model) -> None:
     """Store the normalization layers' weights in float32, as peft's `prepare_model_for_kbit_training` does, and
     nothing else: peft upcasts every parameter that is not 4-bit, which for Phi-2 includes the untied embedding and
-    output head (about 0.5 GB more; README, "GPUs and precision"). Everything is frozen here; get_peft_model then
-    makes the LoRA weights the only trainable ones, and the Trainer turns activation checkpointing on."""
+    output head (about 0.5 GB more; README, "GPUs and precision"), and which TRL's ORPOTrainer still applies itself.
+    Everything is frozen here; get_peft_model then makes the LoRA weights the only trainable ones, and the Trainer
+    turns activation checkpointing on."""
     for module in model.modules():
         if "norm" in type(module).__name__.lower():
             for param in module.parameters(recurse=False):

@@ -216,6 +216,36 @@ def test_cuda_only_training_options_fall_back_with_a_warning(caplog):
     assert "No CUDA GPU: mixed precision is off, training in float32 on CPU." in caplog.messages
 
 
+@pytest.mark.parametrize(
+    "requested, kind, capability, chosen, warning",
+    [
+        ("flash_attention_2", "cuda", (9, 0), "flash_attention_2", None),
+        ("flash_attention_2", "cuda", (8, 0), "flash_attention_2", None),  # A100: the first that has it
+        (
+            "flash_attention_2",
+            "cuda",
+            (7, 5),
+            "sdpa",
+            "--attn_implementation flash_attention_2 needs compute capability 8.0 or newer (this GPU has 7.5): using "
+            "sdpa.",
+        ),
+        (
+            "flash_attention_2",
+            "cpu",
+            None,
+            "sdpa",
+            "--attn_implementation flash_attention_2 needs a CUDA GPU: using sdpa on CPU.",
+        ),
+        ("sdpa", "cuda", (7, 5), "sdpa", None),
+        ("eager", "cpu", None, "eager", None),
+    ],
+)
+def test_flash_attention_falls_back_to_sdpa_where_it_cannot_run(requested, kind, capability, chosen, warning):
+    from model_utils import device_attention
+
+    assert device_attention(requested, kind, capability) == (chosen, warning)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback on a machine without CUDA")
 def test_flash_attention_on_cpu_falls_back_to_sdpa(tiny_phi, caplog):
     from model_utils import load_model

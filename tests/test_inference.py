@@ -182,10 +182,13 @@ def test_history_that_fits_drops_whole_exchanges_oldest_first(tokenizer):
     assert history_that_fits(tokenizer, messages, 10_000) == (messages, 0)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_merged_model_loads_in_plain_transformers_and_matches_base_plus_adapter(yes_adapter, tmp_path, dtype):
+@pytest.mark.parametrize("asked, dtype", [("float32", "float32"), ("bfloat16", "bfloat16"), ("auto", "bfloat16")])
+def test_merged_model_loads_in_plain_transformers_and_matches_base_plus_adapter(
+    yes_adapter, tmp_path, capsys, asked, dtype
+):
     out = tmp_path / "merged"
-    inference.main(["--merge-to", str(out), "--adapter", str(yes_adapter), "--merge-dtype", dtype])
+    inference.main(["--merge-to", str(out), "--adapter", str(yes_adapter), "--merge-dtype", asked])  # auto: on CPU
+    assert capsys.readouterr().err.endswith(f"wrote the merged model ({dtype}) and its tokenizer to {out}\n")
     assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     merged = AutoModelForCausalLM.from_pretrained(out).eval()

@@ -20,7 +20,14 @@ from adapter_utils import build_lora_config
 from checkpoint_utils import checkpoints, is_complete_checkpoint
 from config import LoraArguments, ModelArguments, QuantizationArguments
 from model_utils import load_model
-from quantization_utils import FP16_WARNING, device_precision, mixed_precision
+from quantization_utils import (
+    FP16_WARNING,
+    device_precision,
+    for_training,
+    merge_dtype,
+    mixed_precision,
+    training_compute_dtype,
+)
 from trainer_utils import TrainingConfig, build_trainer, keep_norms_in_float32, nonfinite_loss_message
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,6 +78,48 @@ def test_precision_is_decided_by_compute_capability(kind, capability, dtype):
 )
 def test_mixed_precision_flags_follow_the_device_unless_asked(native, asked, flags):
     assert mixed_precision(native, *asked) == flags
+
+
+@pytest.mark.parametrize(
+    "kind, capability, asked, dtype",
+    [
+        ("cuda", (9, 0), (None, None), torch.bfloat16),  # H100: its native dtype
+        ("cuda", (9, 0), (None, True), torch.float16),  # --fp16 true on an H100: the matmuls in fp16 too
+        ("cuda", (8, 0), (False, None), torch.float32),  # --bf16 false: float32 throughout
+        ("cuda", (9, 0), (False, False), torch.float32),
+        ("cuda", (7, 5), (None, None), torch.float16),  # T4
+        ("cuda", (7, 5), (True, None), torch.bfloat16),  # --bf16 true on a T4: as asked (emulated, with a warning)
+        ("cuda", (7, 5), (None, False), torch.float32),  # --fp16 false on a T4
+        ("cpu", None, (None, None), torch.float32),
+        ("cpu", None, (True, None), torch.float32),  # a bf16 CPU autocasts; its weights stay float32
+        ("cpu", None, (None, True), torch.float32),  # no fp16 training on CPU
+    ],
+)
+def test_a_training_runs_auto_compute_dtype_follows_its_mixed_precision(kind, capability, asked, dtype):
+    assert training_compute_dtype(kind, capability, *asked) == dtype
+
+
+def test_explicit_compute_dtypes_are_kept_for_training():
+    for name in ("bfloat16", "float16", "float32"):
+        explicit = QuantizationArguments(bnb_4bit_compute_dtype=name)
+        assert for_training(explicit, None, True) is explicit
+    auto = QuantizationArguments()
+    assert for_training(auto, None, None).bnb_4bit_compute_dtype == "float32"  # this machine has no CUDA
+    assert auto.bnb_4bit_compute_dtype == "auto"  # what run_config.yaml records
+
+
+@pytest.mark.parametrize(
+    "kind, capability, dtype",
+    [
+        ("cpu", None, torch.bfloat16),  # a portable 16-bit artifact with float32's range
+        ("cuda", (7, 0), torch.float16),  # V100
+        ("cuda", (7, 5), torch.float16),  # T4: a bf16 model would run emulated there
+        ("cuda", (8, 0), torch.bfloat16),
+        ("cuda", (9, 0), torch.bfloat16),
+    ],
+)
+def test_merge_dtype_auto_is_the_devices_compute_dtype(kind, capability, dtype):
+    assert merge_dtype(kind, capability) == dtype
 
 
 def tiny_trainer(tiny_phi, tokenizer, out: Path, precision: str, max_steps: int = 2, quant=None):
