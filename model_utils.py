@@ -115,6 +115,10 @@ def load_model(
         raise ModelError(f"{str(e).splitlines()[0]} (or use --attn_implementation sdpa)") from None
     except ValueError as e:  # a config.json naming an architecture transformers does not know, or without model_type
         raise ModelError(f"cannot load a model from {name}: {first_line(e)}") from None
+    if quant_args.load_in_4bit:
+        from workarounds import skip_cpu_repack_where_it_fails
+
+        skip_cpu_repack_where_it_fails(model)
     return model
 
 

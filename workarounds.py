@@ -56,6 +56,19 @@ def keep_4bit_weights_trainable_on_cpu(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def skip_cpu_repack_where_it_fails(model) -> None:
+    """bitsandbytes 0.50: turn off the CPU repack of 4-bit weights (`support_avx512bf16_for_cpu`, a module attribute)
+    in the layers whose input size is not a multiple of their quantization block (64).
+
+    Symptom: on CPUs with AVX512-BF16 the first no-grad forward (the report, inference) repacks each 4-bit weight and
+    reshapes its scales to (outputs, inputs // 64): with 160 inputs (bench/gpu_phi2.py --tiny) it fails with "shape
+    '[160, 2]' is invalid for input of size 400". Those layers keep bitsandbytes' plain kernel; the others repack.
+    Test: tests/test_workarounds.py::test_the_cpu_repack_fails_on_inputs_not_a_multiple_of_the_block."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu") and module.in_features % module.weight.blocksize:
+            module.support_avx512bf16_for_cpu = False
+
+
 def attention_implementation(model) -> str:
     """transformers 5.24: the attention kernel a loaded model runs (`config._attn_implementation`, private; the public
     `attn_implementation` argument is not kept on the config).

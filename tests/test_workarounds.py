@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import workarounds
@@ -35,6 +36,23 @@ def test_4bit_layers_still_have_the_cpu_repack_flag(tiny_phi):
     assert len(flagged) == len([m for m in model.modules() if type(m).__name__ == "Linear4bit"]) > 0
     workarounds.keep_4bit_weights_trainable_on_cpu(model)
     assert not any(m.support_avx512bf16_for_cpu for m in flagged)
+
+
+def test_the_cpu_repack_fails_on_inputs_not_a_multiple_of_the_block():
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    layers = torch.nn.ModuleList()
+    for inputs in (128, 160):
+        layer = bnb.nn.Linear4bit(inputs, 96, compute_dtype=torch.float32, quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(torch.randn(96, inputs), requires_grad=False, quant_type="nf4")
+        layers.append(layer.to("cpu"))  # quantizes
+        layer.support_avx512bf16_for_cpu = True  # as on a CPU with AVX512-BF16
+    _convert_weight_packed_for_cpu(layers[0].weight.data, layers[0].weight.quant_state)  # 128 = 2 blocks of 64
+    with pytest.raises(RuntimeError, match=r"shape '\[96, 2\]' is invalid for input of size 240"):
+        _convert_weight_packed_for_cpu(layers[1].weight.data, layers[1].weight.quant_state)  # 160 = 2.5 blocks
+    workarounds.skip_cpu_repack_where_it_fails(layers)
+    assert [layer.support_avx512bf16_for_cpu for layer in layers] == [True, False]
 
 
 def test_packing_mask_registry_knows_sdpa(tiny_phi):
