@@ -4,9 +4,12 @@
 
 The device machine (an H200, no network; see BENCHMARKS.md, "Phi-2 on a GPU") has Python 3.12 with torch 2.11,
 accelerate, tokenizers, safetensors, huggingface_hub, pyarrow, pandas, tensorboard and matplotlib, but not this
-project's training stack: WHEELS below is exactly what it lacks, or holds in a version outside requirements.txt. They
-are downloaded with the device README's `pip download` form (manylinux x86-64, CPython 3.12, no dependencies: each
-one the stack needs is named here). The tokenizer that bench/gpu_phi2.py builds its random Phi-2 with (SmolLM2's,
+project's training stack: WHEELS below is what it lacks, holds in a version outside requirements.txt, or may hold too
+old for what the carried wheels import at start-up. They are downloaded with the device README's `pip download`
+form (manylinux x86-64, CPython 3.12, no dependencies: each one the stack needs is named here). Each carried wheel's
+own requirements (its METADATA's Requires-Dist) are then checked against the carried versions and the image's
+recorded ones (IMAGE_VERSIONS): a conflict fails, and the needs on packages whose version on the image is not
+recorded are listed. The tokenizer that bench/gpu_phi2.py builds its random Phi-2 with (SmolLM2's,
 a stand-in for Phi-2's 50k-token BPE) travels too, gzipped; it is fetched with `demo_model.py` when cache/ lacks it.
 
 Everything that travels to the device (tracked and untracked-not-ignored files, shared/ when the checkout has one,
@@ -22,7 +25,12 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 WHEEL_DIR = ROOT / ".whl"
@@ -30,8 +38,8 @@ TOKENIZER_DIR = WHEEL_DIR / "tokenizer"
 SMOLLM2 = ROOT / "cache" / "smollm2" / "SmolLM2-135M-Instruct"
 LIMIT = 64 * 2**20  # the device tool's limit on everything that travels with a call
 
-# name: version, and why it travels. The versions are requirements.txt's lower bounds (the tested ones; a test
-# checks that each is inside its range). The image's own versions are in /work/.library/device/KINDS.md.
+# name: version, and why it travels. The training stack's versions are requirements.txt's lower bounds (the tested
+# ones; a test checks that each is inside its range), the others' the versions tested with them.
 WHEELS = {
     "bitsandbytes": ("0.50.2", "not in the image"),
     "transformers": ("5.24.0", "the image has 5.17.0; requirements.txt needs >=5.24,<5.25"),
@@ -44,10 +52,31 @@ WHEELS = {
     "httpx2": ("2.16.2", "not in the image (huggingface_hub 2 needs it)"),
     "httpcore2": ("2.16.2", "not in the image (httpx2 needs it)"),
     "truststore": ("0.10.5", "not in the image (httpx2 needs it)"),
+    # What the carried wheels import at start-up and need in a recent version, where the image's is not recorded
+    # (nothing can be upgraded there): small wheels, regex the largest (0.8 MB).
+    "click": ("8.5.1", "huggingface_hub 2.4 needs >=8.4.2"),
+    "anyio": ("4.16.0", "httpx2 needs >=4.10"),
+    "idna": ("3.20", "httpx2 imports it at start-up and needs >=3.18"),
+    "typing-extensions": ("4.16.0", "anyio 4.16 needs >=4.16 on Python 3.12"),
+    "h11": ("0.16.0", "httpcore2 needs >=0.16"),
+    "regex": ("2026.11.19", "transformers 5.24 refuses to import with a regex older than 2025.10.22"),
+    "fsspec": ("2026.9.0", "datasets 5.2 needs <=2026.9.0, and the image's may be newer"),
 }
-# Not carried, though requirements.txt may ask for more than the image has (its versions are not recorded): tqdm,
-# pyyaml, tensorboard, matplotlib, and what the carried wheels need (click, hf-xet, fsspec, pyarrow, ...). The check's
-# environment step lists every one outside its range, as a warning.
+# The image's versions that its pip list showed (November 2026); a carried wheel's need on one of them is checked.
+IMAGE_VERSIONS = {
+    "accelerate": "1.15.0",
+    "numpy": "2.5.2",
+    "safetensors": "0.8.0",
+    "tokenizers": "0.23.2",
+    "torch": "2.11.0",
+    "triton": "3.6.0",
+}
+# Where the carried wheels' markers are evaluated: the GPU machine's Python.
+DEVICE_PYTHON = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux"}
+DEVICE_PYTHON |= {"platform_system": "Linux", "platform_machine": "x86_64", "implementation_name": "cpython"}
+# Not carried: pyarrow (datasets 5.2 asks for >=24; its wheel is about 40 MB, more than can travel), and the needs
+# with old lower bounds on packages the image holds (tqdm, pyyaml, pandas, psutil, jinja2, filelock, packaging, ...):
+# make gpu-wheels lists them, and the check's environment step warns about every one outside its range.
 # The device README's command. manylinux_2_24 is added: bitsandbytes' wheels carry that tag only (pip matches the
 # glibc version exactly).
 PLATFORMS = ["manylinux_2_28", "manylinux_2_27", "manylinux_2_24", "manylinux_2_17", "manylinux2014", "manylinux1"]
@@ -80,6 +109,33 @@ def fetch_wheels() -> list[Path]:
             wheels.append(path)
     assert sorted(map(wheel_project, wheels)) == sorted(WHEELS), wheels
     return wheels
+
+
+def wheel_needs(path: Path) -> list[Requirement]:
+    """A wheel's requirements (its METADATA's Requires-Dist) that apply on the GPU machine, extras left out."""
+    with zipfile.ZipFile(path) as wheel:
+        metadata = next(name for name in wheel.namelist() if name.endswith(".dist-info/METADATA"))
+        lines = wheel.read(metadata).decode("utf-8").splitlines()
+    needs = [Requirement(line.split(":", 1)[1].strip()) for line in lines if line.startswith("Requires-Dist:")]
+    return [need for need in needs if need.marker is None or need.marker.evaluate({**DEVICE_PYTHON, "extra": ""})]
+
+
+def check_needs(wheels: list[Path]) -> tuple[list[str], list[str]]:
+    """(conflicts, unchecked): each carried wheel's needs against the carried and the recorded versions; the needs on
+    a package whose version on the image is not recorded cannot be checked here, and are listed one per package."""
+    conflicts, unchecked = [], {}
+    for path in wheels:
+        for need in wheel_needs(path):
+            name = canonicalize_name(need.name)
+            version = WHEELS[name][0] if name in WHEELS else IMAGE_VERSIONS.get(name)
+            if version is None:
+                specifier, needed_by = unchecked.get(name, (SpecifierSet(), []))
+                unchecked[name] = (specifier & need.specifier, [*needed_by, wheel_project(path)])
+            elif not need.specifier.contains(version, prereleases=True):
+                source = "carried" if name in WHEELS else "on the image"
+                conflicts.append(f"{wheel_project(path)} needs {need}, {source}: {version}")
+    listed = [f"{name}{spec} ({', '.join(needers)})" for name, (spec, needers) in sorted(unchecked.items())]
+    return conflicts, listed
 
 
 def copy_tokenizer() -> Path:
@@ -133,6 +189,10 @@ def travelling_bytes(root: Path = ROOT, carried: tuple[str, ...] = (".whl",)) ->
 
 def main() -> None:
     wheels = fetch_wheels()
+    conflicts, unchecked = check_needs(wheels)
+    if conflicts:
+        sys.exit("error: the carried wheels do not fit together: " + "; ".join(conflicts) + " (change WHEELS).")
+    print("not checked (the image's versions are not recorded): " + ", ".join(unchecked))
     tokenizer = copy_tokenizer()
     source = record_source()
     for path in [*wheels, *sorted(tokenizer.iterdir())]:

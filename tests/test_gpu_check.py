@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from gpu_check import PROMPTS, REHEARSAL  # noqa: E402
 from gpu_phi2 import PHI2, TINY  # noqa: E402
-from gpu_wheels import WHEELS, travelling_bytes  # noqa: E402
+from gpu_wheels import WHEELS, check_needs, travelling_bytes, wheel_needs  # noqa: E402
 
 STEPS = [
     "environment",
@@ -230,3 +231,37 @@ def test_travelling_size_counts_the_tree_as_git_sees_it_and_the_carried_folder(t
     (tmp_path / ".whl" / "tokenizer" / "t.json.gz").write_bytes(b"t" * 11)
     git("add", ".gitignore", "tracked.py")
     assert travelling_bytes(tmp_path) == {"working tree": 13 + 100 + 30, ".whl": 711}
+
+
+def test_each_carried_wheels_needs_are_checked_against_the_carried_and_the_recorded_versions(tmp_path):
+    """A wheel's METADATA as pip writes it: the needs that apply on the GPU machine's Python 3.12 on Linux, each
+    against the carried version or the image's recorded one; the rest are listed as not checked."""
+    metadata = "\n".join(
+        [
+            "Metadata-Version: 2.4",
+            "Name: demo",
+            "Version: 1.0",
+            "Requires-Dist: anyio>=4.10; sys_platform != 'emscripten'",  # carried: 4.16.0
+            "Requires-Dist: typing-extensions>=4.5.0; python_version < '3.13'",  # carried: 4.16.0
+            "Requires-Dist: exceptiongroup>=1.0; python_version < '3.11'",  # not on Python 3.12
+            "Requires-Dist: colorama; platform_system == 'Windows'",  # not on Linux
+            "Requires-Dist: pytest; extra == 'test'",  # an extra
+            "Requires-Dist: torch>=2.12",  # the image's torch is 2.11.0
+            "Requires-Dist: idna<3",  # carried: 3.20
+            "Requires-Dist: pyarrow>=24.0.0",  # not recorded
+        ]
+    )
+    wheel = tmp_path / "demo-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("demo-1.0.dist-info/METADATA", metadata + "\n")
+    assert [str(need) for need in wheel_needs(wheel)] == [
+        'anyio>=4.10; sys_platform != "emscripten"',
+        'typing-extensions>=4.5.0; python_version < "3.13"',
+        "torch>=2.12",
+        "idna<3",
+        "pyarrow>=24.0.0",
+    ]
+    assert check_needs([wheel]) == (
+        ["demo needs torch>=2.12, on the image: 2.11.0", "demo needs idna<3, carried: 3.20"],
+        ["pyarrow>=24.0.0 (demo)"],
+    )
