@@ -149,7 +149,9 @@ def run_variant(args) -> dict:
         disable_tqdm=True,
     )
     packing = args.variant == "ours"
-    training_args = TrainingConfig(**common, packing=packing, activation_checkpointing=args.activation_checkpointing)
+    training_args = TrainingConfig(
+        **common, packing=packing, activation_checkpointing=args.activation_checkpointing, optim=args.optim
+    )
     lora = build_lora_config(LoraArguments(), "phi")
     trainer = build_trainer(model, tokenizer, training_args, Dataset.from_list(records), peft_config=lora)
     counter = bench.TokenCounter(trainer)
@@ -206,6 +208,9 @@ def main(argv: list[str] | None = None) -> dict:
         type=lambda v: v.lower() in ("true", "1", "yes"),
         default=True,
         help="true or false: recompute activations in the backward pass (the repo's default).",
+    )
+    parser.add_argument(
+        "--optim", default="paged_adamw_32bit", help="The optimizer (the recipe's paged AdamW; adamw_torch on CPU)."
     )
     parser.add_argument("--variants", default="original,ours", help="Which variants to run, comma-separated.")
     parser.add_argument("--model", help="Reuse a model folder written by an earlier run (--keep_model).")

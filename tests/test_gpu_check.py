@@ -23,17 +23,19 @@ from transformers import PhiConfig, PhiForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from gpu_check import PROMPTS, REHEARSAL  # noqa: E402
+import gpu_check  # noqa: E402
+from gpu_check import GPU_BUDGET_S, PROMPTS, REHEARSAL, TIMED  # noqa: E402
 from gpu_phi2 import PHI2, TINY  # noqa: E402
+from gpu_probes import TOLERANCE, optimizer_after, planned  # noqa: E402
 from gpu_wheels import WHEELS, check_needs, travelling_bytes, wheel_needs  # noqa: E402
 
 STEPS = [
     "environment",
+    "probes",
     "build_model",
     "bench",
     "train",
     "train_fp16",
-    "train_bf16",
     "inference",
     "inference_batch",
     "merge",
@@ -153,13 +155,81 @@ def test_training_is_killed_after_a_checkpoint_and_resumed_to_the_end_with_the_r
     assert re.search(rf"Resuming from \S*checkpoint-{kill_at}\b", log)
 
 
-def test_fp16_and_bf16_runs_are_recorded_apart(result):
-    fp16, bf16 = figures(result, "train_fp16"), figures(result, "train_bf16")
-    for run, compute in ((fp16, "float16"), (bf16, "bfloat16")):
-        assert len(run["losses"]) == REHEARSAL.precision_steps and all(map(math.isfinite, run["losses"]))
-        assert run["run_config"]["bnb_4bit_compute_dtype"] == compute
-    assert fp16["run_config"]["fp16"] == "false"  # train.py trains in float32 on CPU whatever --fp16 says
-    assert "issue 19" in result["steps"]["train_fp16"]["note"]
+def test_the_probes_run_what_a_cpu_can_and_name_what_they_skip(rehearsal, result):
+    probes = figures(result, "probes")
+    assert json.loads((rehearsal[2] / "probes.json").read_text()) == probes
+    assert set(probes["probes"]) == {
+        "chunked_logprob_float32",
+        "chunked_logprob_bfloat16",
+        "linear4bit_lora_float32",
+        "linear4bit_lora_bfloat16",
+    }
+    for name, probe in probes["probes"].items():
+        dtype = name.rsplit("_", 1)[1]
+        errors = {key: value for key, value in probe["figures"].items() if key.endswith("_error")}
+        assert probe["status"] == "passed" and len(errors) == 4, name  # the output and three gradients
+        assert all(0 <= value <= TOLERANCE[dtype] for value in errors.values()), (name, errors)
+    assert probes["probes"]["chunked_logprob_float32"]["figures"]["kernels"] == "torch (no Triton on this device)"
+    assert set(probes["skipped"]) == {
+        "paged_adamw",
+        "chunked_logprob_float16",
+        "linear4bit_lora_float16",
+        "triton_and_addmm_out_dtype",
+    }
+    # The probes' choice of optimizer reaches every training step's command line.
+    assert probes["optim"] == result["optim"]["optim"] == "paged_adamw_32bit" and "optim_reason" not in probes
+    for step in ("train", "train_fp16", "bench", "bench_mb8", "bench_mb16", "bench_no_gc"):
+        log = (rehearsal[2] / "logs" / f"{step}.log").read_text()
+        commands = [line for line in log.splitlines() if line.startswith("$ ")]
+        assert commands and all("--optim paged_adamw_32bit" in line for line in commands), step
+
+
+def test_the_probes_are_the_dtypes_each_gpu_trains_in():
+    h200, skipped = planned("cuda", (9, 0))
+    assert [name for name, _, _ in h200] == [
+        "paged_adamw",
+        "chunked_logprob_bfloat16",
+        "chunked_logprob_float16",
+        "linear4bit_lora_bfloat16",
+        "linear4bit_lora_float16",
+    ]
+    assert skipped == {}
+    t4, skipped = planned("cuda", (7, 5))
+    assert [name for name, _, _ in t4] == ["paged_adamw", "chunked_logprob_float16", "linear4bit_lora_float16"]
+    assert set(skipped) == {"chunked_logprob_bfloat16", "linear4bit_lora_bfloat16"}
+
+
+def test_a_failed_paged_adamw_probe_moves_the_training_steps_to_adamw_torch():
+    failed = {"status": "failed", "error": "exit 1: cget_managed_ptr failed"}
+    assert optimizer_after({"paged_adamw": failed, "linear4bit_lora_bfloat16": {"status": "passed"}}) == (
+        "adamw_torch",
+        "paged AdamW failed here (exit 1: cget_managed_ptr failed): the later steps train with adamw_torch",
+    )
+    assert optimizer_after({"paged_adamw": {"status": "passed"}}) == ("paged_adamw_32bit", None)
+    assert optimizer_after({}) == ("paged_adamw_32bit", None)  # CPU: no paged AdamW to probe; train.py swaps it
+
+
+def test_the_fp16_run_leaves_the_compute_dtype_to_follow_it(result):
+    fp16 = figures(result, "train_fp16")
+    assert len(fp16["losses"]) == REHEARSAL.precision_steps and all(map(math.isfinite, fp16["losses"]))
+    assert fp16["run_config"] == {
+        "fp16": "false",
+        "bf16": "false",
+        "bnb_4bit_compute_dtype": "auto",
+        "optim": "adamw_torch",
+    }
+    assert fp16["compute_dtype"] == "float32"  # train.py's CPU rule; on a GPU the step requires float16
+    assert "note" not in result["steps"]["train_fp16"]
+
+
+def test_the_steps_that_always_run_leave_room_in_the_gpu_budget():
+    """On a GPU the timed steps run one after another, the others side by side (gpu_check.main)."""
+    planned = 0.0
+    for stage in gpu_check.STEPS:
+        estimates = [step.estimate_s for step in stage if not step.optional]
+        if estimates:
+            planned += sum(estimates) if TIMED & {step.name for step in stage} else max(estimates)
+    assert planned == 325 and planned <= 0.8 * GPU_BUDGET_S
 
 
 def test_inference_answers_one_shot_and_batch_and_merges(rehearsal, result):
