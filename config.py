@@ -68,7 +68,10 @@ class QuantizationArguments:
     )
     bnb_4bit_compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = field(
         default="auto",
-        metadata={"help": "dtype of the matmuls; auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU."},
+        metadata={
+            "help": "dtype of the matmuls; auto: bf16 on GPUs that have it, fp16 on older ones (in training: the "
+            "--bf16/--fp16 precision), fp32 on CPU."
+        },
     )
     bnb_4bit_quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = field(
         default="auto",
