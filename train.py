@@ -37,8 +37,19 @@ def train(args: list[str] | None):
     # Heavy imports here, so `--help` and argument errors answer at once.
     from trainer_utils import parse_train_args
 
-    model_args, quant_args, lora_args, data_args, report_args, training_args = parse_train_args(args)
+    settings = parse_train_args(args)
+    *_, training_args = settings
 
+    from model_utils import is_main_process
+    from run_lock import output_dir_lock
+
+    # One run per output folder: locked before anything is written there, to the end of the run (run_lock.py tells
+    # how); a second run on it ends here.
+    with output_dir_lock(training_args.output_dir, take=is_main_process()):
+        return train_in_locked_folder(args, *settings)
+
+
+def train_in_locked_folder(args, model_args, quant_args, lora_args, data_args, report_args, training_args):
     from datasets import Dataset
     from transformers import set_seed
 
