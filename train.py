@@ -13,7 +13,7 @@ tokenizer with the portable chat template, run_config.yaml last (every setting o
 --config), and the report (report.py); --push_to_hub then uploads the folder to the Hugging Face Hub (hub_utils.py).
 A finished run is never trained over without --overwrite; --resume continues or extends one (checkpoint_utils.py
 tells how). Ctrl-C or SIGTERM saves a checkpoint after the current step and prints the command
-that resumes.
+that resumes. One run at a time per output folder: a second one ends at once, naming the first (run_lock.py).
 """
 
 import logging

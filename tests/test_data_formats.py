@@ -172,6 +172,15 @@ def test_each_format_reads_with_its_counts_and_round_trips_through_the_export(na
     assert [e["id"] for e in again.examples] == [e["id"] for e in result.examples]
 
 
+def test_loss_on_the_last_reply_round_trips_through_the_export(sample_path, tmp_path):
+    replies = load_conversations(str(sample_path), policy="replies")
+    out = tmp_path / "replies.jsonl"
+    main(["--input", str(sample_path), "--policy", "replies", "--out", str(out)])
+    again = load_conversations(str(out))  # prompt-completion lines: the last reply trained alone, as before
+    assert again.loss_on == replies.loss_on == "last"
+    assert conversations_of(again) == conversations_of(replies)
+
+
 def test_preference_pairs_read_and_round_trip_through_the_export(tmp_path):
     path = write(tmp_path / "pairs.jsonl", PAIRS)
     pairs = load_conversations(str(path), policy="best_vs_rest")
