@@ -59,11 +59,6 @@ OTHER_COMPRESSIONS = {
 # Files -> records
 
 
-def is_gzip(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(2) == b"\x1f\x8b"
-
-
 def uncompressed_name(path: Path) -> Path:
     """data.jsonl.gz -> data.jsonl: the name that says what the text is."""
     return path.with_suffix("") if path.suffix == ".gz" else path
@@ -71,13 +66,16 @@ def uncompressed_name(path: Path) -> Path:
 
 def open_text(path: Path):
     """The file's text, decompressed if it is gzip (by its first bytes)."""
-    if is_gzip(path):
-        return gzip.open(path, "rt", encoding="utf-8-sig")
     with open(path, "rb") as f:
         head = f.read(6)
+    if head.startswith(b"\x1f\x8b"):
+        return gzip.open(path, "rt", encoding="utf-8-sig")
     for magic, (name, command) in OTHER_COMPRESSIONS.items():
         if head.startswith(magic):
-            raise DataError(f"{path} is {name}-compressed: decompress it first ({command}); gzip is read as it is.")
+            raise DataError(
+                f"{path} is {name}-compressed: decompress it first ({command}); gzip-compressed files are read as "
+                "they are."
+            )
     return open(path, encoding="utf-8-sig")
 
 
@@ -152,7 +150,9 @@ def unknown_format_message(record, path: Path, number: int) -> str:
         keys = list(record)
         shape = "keys " + ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "") if keys else "no keys"
     else:
-        shape = f"a JSON {type(record).__name__}"
+        shape = {list: "a JSON array", bool: "true or false", int: "a number", float: "a number"}.get(
+            type(record), "null"
+        )
     listed = "; ".join(f"{name} {example}" for name, example in FORMATS.items())
     return (
         f"{path}: example {number} ({shape}) is in no format this kit reads; one record per line, in one of: {listed}."

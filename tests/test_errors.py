@@ -97,7 +97,8 @@ def test_non_utf8_file(workdir, capsys, snapshot, tiny_phi):
         (
             "chat.jsonl.zst",
             b"\x28\xb5\x2f\xfd\x00\x00",
-            "chat.jsonl.zst is zstd-compressed: decompress it first (zstd -d); gzip is read as it is.",
+            "chat.jsonl.zst is zstd-compressed: decompress it first (zstd -d); gzip-compressed files are read as "
+            "they are.",
         ),
     ],
     ids=["gzip-cut-short", "gzip-not-utf8", "zstd"],
