@@ -109,7 +109,7 @@ class DataArguments:
         default="OpenAssistant/oasst1",
         metadata={
             "aliases": ["--input"],
-            "help": "Training data: OpenAssistant/oasst1 (or hub), or a local file (data_utils.py lists the formats).",
+            "help": "Training data: OpenAssistant/oasst1 (or hub), or a local file (formats: data_formats.py).",
         },
     )
     dataset_split: str = field(

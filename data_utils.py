@@ -8,12 +8,13 @@ Preview or export what training will see:
     python data_utils.py --input data/oasst1/laion_en_100_tree.jsonl --policy best_vs_rest --out pairs.jsonl
 
 Sources: the Hub data set (`hub` or `OpenAssistant/oasst1`), a local file of oasst1 rows (.jsonl or .parquet with the
-Hub's columns), an oasst1 trees export (.jsonl, one tree per line), or your own conversations: `{"messages": [{"role":
-"user"|"assistant", "content": ...}]}` jsonl, or text lines "### Human: ... ### Assistant: ...". Files are UTF-8 (a
-byte-order mark and Windows line endings are fine). Which oasst1 messages are kept, and how messy rows end (a loop of
-parent links, a duplicate id, a mistyped column: one error naming the row), is oasst_trees.py's concern.
+Hub's columns), an oasst1 trees export (.jsonl, one tree per line, or .jsonl.gz as the Hub serves it), or your own data
+in the chat formats of the ecosystem (messages, ShareGPT, Alpaca, prompt-completion, preference pairs, text lines):
+data_formats.py reads the files and tells the formats. Which oasst1 messages are kept, and how messy rows end (a loop
+of parent links, a duplicate id, a mistyped column: one error naming the row), is oasst_trees.py's concern.
 
-Policies (for oasst1 sources; your own conversations are used whole, with loss on every assistant turn):
+Policies (for oasst1 sources; your own conversations are used whole, with loss on every assistant turn, and
+prompt-completion records with loss on the completion):
 - best: one conversation per tree, following the best-ranked assistant reply at every assistant step, ending at an
   assistant message; loss on every assistant turn. Prompter messages carry no rank, so where a conversation can go on
   with several human follow-ups we take the one that leads to the most assistant turns (ties: smallest message_id),
@@ -22,25 +23,28 @@ Policies (for oasst1 sources; your own conversations are used whole, with loss o
 - replies: one example per best-ranked assistant reply at any depth, with all its ancestors as context; loss on that
   reply only. The original repo trained on the same replies but threw the context away.
 
-Preference policies (for --method dpo/orpo, and the report's preference accuracy; oasst1 sources only): pairs of
+Preference policies (for --method dpo/orpo, and the report's preference accuracy; oasst1 sources): pairs of
 sibling assistant replies that people ranked, in TRL's conversational preference format `{"prompt": [messages],
 "chosen": [assistant message], "rejected": [assistant message]}`, the prompt being the exact ancestor path
 (multi-turn).
 - best_vs_rest (default): the best-ranked reply against each reply ranked below it.
 - all_pairs: every two replies of different rank, the better one chosen.
-Unranked replies and replies of equal rank never pair (oasst_trees.preference_pairs).
+Unranked replies and replies of equal rank never pair (oasst_trees.preference_pairs). Your own preference pairs are
+used as they are; for SFT (and the held-out loss) they are the conversations of each prompt and its chosen reply, with
+loss on that reply.
 """
 
 import functools
 import hashlib
+import itertools
 import json
 import logging
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from config import DataError
+from data_formats import LOSS_ON, read_records, record_format, unknown_format_message, user_examples
 from oasst_trees import (
     PAIR_POLICIES,
     ROW_COLUMNS,
@@ -104,7 +108,6 @@ CHAT_TEMPLATE = _conversation_template("{% generation %}" + ASSISTANT_REPLY + "{
 # Jinja2 renders byte for byte as transformers renders CHAT_TEMPLATE, so engines that render templates themselves
 # (llama.cpp, TGI) accept it.
 PORTABLE_CHAT_TEMPLATE = _conversation_template(ASSISTANT_REPLY)
-HUMAN, ASSISTANT = "### Human:", "### Assistant:"
 CONVERSATION_POLICIES = ("best", "replies")
 
 
@@ -118,9 +121,16 @@ class Conversations:
     examples: list[dict]
     loss_on: str  # "all": every assistant turn; "last": the final reply only; "pairs": preference pairs
     counts: Counter = field(default_factory=Counter)
+    source_format: str = "oasst1"  # your own data: its format (data_formats.FORMATS)
 
     def summary(self) -> str:
         c = self.counts
+        if "records" in c:  # your own data
+            made = {"all": "conversations", "last": "examples", "pairs": "preference pairs"}[self.loss_on]
+            if self.source_format == "preference pairs" and self.loss_on == "last":
+                made = "conversations of a prompt and its chosen reply"
+            dropped = f", dropped {c['no_reply']} without an assistant reply" if c["no_reply"] else ""
+            return f"{c['records']} records read as {self.source_format}: kept {len(self.examples)} {made}{dropped}"
         if "messages" not in c:
             return f"{len(self.examples)} conversations"
         if self.loss_on == "pairs":
@@ -141,80 +151,8 @@ class Conversations:
 
 
 def read_jsonl(path: Path) -> list:
-    """One JSON value per line; blank lines skipped. A UTF-8 byte-order mark and Windows line endings are fine."""
-    records = []
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{number}: not valid JSON ({e.msg}).") from None
-                except ValueError as e:  # an integer longer than Python's limit on digits
-                    raise DataError(f"{path}:{number}: not valid JSON ({e}).") from None
-                except RecursionError:
-                    raise DataError(
-                        f"{path}:{number}: nested deeper than Python's JSON reader can follow; a trees export this "
-                        "deep can be written as rows, one message per line."
-                    ) from None
-    except UnicodeDecodeError:
-        raise DataError(f"{path} is not UTF-8 text; convert it (e.g. iconv -t utf-8) and try again.") from None
-    return records
-
-
-def parse_text_line(line: str) -> list[dict]:
-    """'### Human: hi ### Assistant: hello ### Human: ...' -> messages."""
-    parts = re.split(r"(### Human:|### Assistant:)", line)
-    if parts[0].strip() or len(parts) < 3:
-        raise ValueError(f"expected text starting with '{HUMAN}'")
-    return [
-        {"role": "user" if marker == HUMAN else "assistant", "content": text.strip()}
-        for marker, text in zip(parts[1::2], parts[2::2], strict=True)
-    ]
-
-
-def clean_messages(messages: list[dict]) -> list[dict]:
-    """Validate a user's conversation: alternating user/assistant turns from a user turn, ending with the assistant."""
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("'messages' must be a non-empty list")
-    out = []
-    for message in messages:
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            raise ValueError('each message needs a "role" and a string "content"')
-        role = message.get("role")
-        if role not in ("user", "assistant"):
-            raise ValueError(f"role {role!r} is not supported (only user and assistant, as in the template)")
-        expected = "user" if len(out) % 2 == 0 else "assistant"
-        if role != expected:
-            raise ValueError(f"message {len(out) + 1} should be from the {expected} (turns must alternate)")
-        out.append({"role": role, "content": message["content"].strip()})
-    if out[-1]["role"] == "user":
-        out.pop()  # a trailing question has no answer to learn from
-    if not out:
-        raise ValueError("no assistant reply")
-    return out
-
-
-def user_conversations(records: list, path: Path) -> list[dict]:
-    """Users' own data: {"messages": [...]} records or "### Human: ... ### Assistant: ..." text lines."""
-    examples = []
-    for number, record in enumerate(records, start=1):
-        try:
-            if isinstance(record, dict) and "messages" in record:
-                messages = clean_messages(record["messages"])
-            elif isinstance(record, dict) and isinstance(record.get("text"), str):
-                messages = clean_messages(parse_text_line(record["text"]))
-            elif isinstance(record, str):
-                messages = clean_messages(parse_text_line(record))
-            else:
-                raise ValueError('expected {"messages": [...]}, {"text": "### Human: ..."} or a text line')
-        except ValueError as e:
-            raise DataError(f"{path}: example {number}: {e}.") from None
-        example_id = str(record.get("id", f"line-{number}")) if isinstance(record, dict) else f"line-{number}"
-        examples.append({"messages": messages, "id": example_id, "tree_id": example_id})
-    return examples
+    """Every record of a data file (data_formats.read_records), in a list."""
+    return [record for _, record in read_records(path)]
 
 
 def load_hub_rows(split: str) -> list[dict]:
@@ -230,9 +168,9 @@ def load_hub_rows(split: str) -> list[dict]:
     return dataset.select_columns(list(ROW_COLUMNS)).to_list()
 
 
-def read_source(source: str, split: str = "train") -> tuple[str, list, list[str] | None]:
-    """("oasst", rows, where each row came from or None for "row N") or ("user", conversations, None), for a Hub
-    name or a local path."""
+def read_source(source: str, split: str = "train") -> tuple[str, list | Conversations, list[str] | None]:
+    """("oasst", rows, where each row came from or None for "row N") or ("user", Conversations, None), for a Hub
+    name or a local path; the format of a local file is that of its first record."""
     if source in ("hub", HUB_DATASET):
         return "oasst", load_hub_rows(split), None
     path = Path(source)
@@ -246,29 +184,27 @@ def read_source(source: str, split: str = "train") -> tuple[str, list, list[str]
         except Exception as e:  # pyarrow raises several error types for a corrupt file
             raise DataError(f"{path}: not a readable parquet file ({e}).") from None
         return "oasst", table.select([c for c in ROW_COLUMNS if c in table.column_names]).to_pylist(), None
-    if path.suffix in (".txt", ".text"):
-        try:
-            lines = [line for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
-        except UnicodeDecodeError:
-            raise DataError(f"{path} is not UTF-8 text; convert it (e.g. iconv -t utf-8) and try again.") from None
-        return "user", user_conversations(lines, path), None
-    records = read_jsonl(path)
-    if not records:
+    records = read_records(path)
+    first = next(records, None)
+    if first is None:
         raise DataError(f"{path} holds no records.")
-    first = records[0]
-    if not isinstance(first, dict):
-        raise DataError(f"{path}:1: expected a JSON object per line.")
-    if "prompt" in first and "message_tree_id" in first:
+    fmt = record_format(first[1])
+    if fmt is None:
+        raise DataError(unknown_format_message(first[1], path, first[0]))
+    records = itertools.chain([first], records)
+    if fmt == "oasst1 trees":
+        trees = [tree for _, tree in records]
         try:
-            return "oasst", *rows_from_trees(records)
+            return "oasst", *rows_from_trees(trees)
         except DataError as e:
             raise DataError(f"{path}: {e}") from None
-    if "message_id" in first:
-        missing = [c for c in ("message_id", "text", "role") if c not in first]
+    if fmt == "oasst1 rows":
+        missing = [c for c in ("message_id", "text", "role") if c not in first[1]]
         if missing:
             raise DataError(f"{path}: rows lack the oasst1 columns {', '.join(missing)}.")
-        return "oasst", records, None
-    return "user", user_conversations(records, path), None
+        return "oasst", [row for _, row in records], None
+    examples, counts = user_examples(fmt, records, path)
+    return "user", Conversations(examples, LOSS_ON.get(fmt, "all"), counts, fmt), None
 
 
 def load_conversations(
@@ -278,17 +214,8 @@ def load_conversations(
     if policy not in CONVERSATION_POLICIES + PAIR_POLICIES:
         raise DataError(f"unknown policy {policy!r}: choose {', '.join(CONVERSATION_POLICIES + PAIR_POLICIES)}.")
     kind, records, places = read_source(source, split)
-    if kind == "user" and policy in PAIR_POLICIES:
-        raise DataError(
-            f"{source}: preference pairs (--policy {policy}) come from oasst1's ranked replies; your own "
-            "conversations carry no ranks."
-        )
     if kind == "user":
-        if policy == "replies":
-            logger.warning("--policy replies applies to oasst1 data; your conversations are used whole.")
-        if langs:
-            logger.warning("--langs applies to oasst1 data (its lang column); your conversations are used whole.")
-        return Conversations(records, loss_on="all", counts=Counter(conversations=len(records)))
+        return own_data(records, source, policy, langs)
     try:
         kept, counts = filter_messages(records, langs or [], places)
     except DataError as e:
@@ -303,6 +230,31 @@ def load_conversations(
     conversations = Conversations(examples, loss_on, counts)
     logger.info("%s (%s): %s", source, policy, conversations.summary())
     if not examples:
+        raise DataError(f"no examples left from {source}: {conversations.summary()}.")
+    return conversations
+
+
+def own_data(conversations: Conversations, source: str, policy: str, langs: list[str] | None) -> Conversations:
+    """Your own data for a policy: conversations as they are; preference pairs as pairs for a pair policy, else as
+    the conversations of each prompt and its chosen reply (loss on that reply)."""
+    pairs = conversations.loss_on == "pairs"
+    if policy in PAIR_POLICIES and not pairs:
+        raise DataError(
+            f"{source}: preference pairs (--policy {policy}) come from oasst1's ranked replies or from "
+            f"chosen/rejected pairs; this file holds {conversations.source_format} records, which carry no ranks."
+        )
+    if pairs and policy not in PAIR_POLICIES:
+        chosen = [
+            {"messages": e["prompt"] + e["chosen"], "id": e["id"], "tree_id": e["tree_id"]}
+            for e in conversations.examples
+        ]
+        conversations = Conversations(chosen, "last", conversations.counts, conversations.source_format)
+    if policy == "replies":
+        logger.warning("--policy replies applies to oasst1 data; your conversations are used whole.")
+    if langs:
+        logger.warning("--langs applies to oasst1 data (its lang column); your conversations are used whole.")
+    logger.info("%s: %s", source, conversations.summary())
+    if not conversations.examples:
         raise DataError(f"no examples left from {source}: {conversations.summary()}.")
     return conversations
 
@@ -405,15 +357,18 @@ def drop_untrainable_examples(conversations: Conversations, tokenizer, max_lengt
             f"--max_length {max_length} is too short for the conversation template: an empty exchange already takes "
             f"{overhead} tokens (the default is 512)."
         )
-    # The prompt before the first reply in the loss: the first user turn, or the whole context for loss on the last
-    # reply (and for a preference pair).
-    context = 1 if conversations.loss_on == "all" else -1
+
+    # The prompt before the first reply in the loss: the first user turn (with the system message that opens it), or
+    # the whole context for loss on the last reply (and for a preference pair).
+    def prompt(conversation: list[dict]) -> list[dict]:
+        return first_turn(conversation) if conversations.loss_on == "all" else conversation[:-1]
+
     kept = [
         e
         for e in conversations.examples
         if len(
             tokenizer.apply_chat_template(
-                trained_conversations(e)[0][:context], add_generation_prompt=True, return_dict=True
+                prompt(trained_conversations(e)[0]), add_generation_prompt=True, return_dict=True
             )["input_ids"]
         )
         < max_length
@@ -434,6 +389,12 @@ def drop_untrainable_examples(conversations: Conversations, tokenizer, max_lengt
             max_length,
         )
     return Conversations(kept, conversations.loss_on, counts)
+
+
+def first_turn(messages: list[dict]) -> list[dict]:
+    """A conversation's opening request: its first user message, with the system message before it (the template
+    renders the two as one human turn)."""
+    return messages[: 2 if messages[0]["role"] == "system" else 1]
 
 
 def trained_conversations(example: dict) -> list[list[dict]]:
@@ -524,6 +485,10 @@ def main(args: list[str] | None = None) -> Conversations:
             for e in conversations.examples:
                 if conversations.loss_on == "pairs":
                     record = {**pair_record(e), "id": e["id"]}
+                elif conversations.loss_on == "last":  # as prompt-completion, which trains the same when read back
+                    messages = e["messages"]
+                    record = {"prompt": messages[:-1], "completion": messages[-1:], "text": format_text(messages)}
+                    record["id"] = e["id"]
                 else:
                     record = {"messages": e["messages"], "text": format_text(e["messages"]), "id": e["id"]}
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")

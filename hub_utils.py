@@ -11,12 +11,13 @@ import shlex
 from pathlib import Path
 
 from config import ConfigError
+from run_lock import LOCK_FILE
 
 logger = logging.getLogger(__name__)
 
-# Never uploaded: the checkpoints (pickled optimizer and random states, for --resume only) and the Trainer's pickled
-# copy of the settings, which holds --hub_token when one was given.
-NOT_UPLOADED = ("checkpoint-*", "training_args.bin")
+# Never uploaded: the checkpoints (pickled optimizer and random states, for --resume only), the Trainer's pickled
+# copy of the settings, which holds --hub_token when one was given, and the lock that the run holds while it uploads.
+NOT_UPLOADED = ("checkpoint-*", "training_args.bin", LOCK_FILE)
 
 
 def repo_name(args) -> str:

@@ -31,7 +31,8 @@ from config import (
     ReportArguments,
     UserError,
 )
-from data_utils import HUB_DATASET, HUMAN, Conversations, DataError
+from data_formats import HUMAN
+from data_utils import HUB_DATASET, Conversations, DataError, first_turn
 
 logger = logging.getLogger(__name__)
 
@@ -286,10 +287,12 @@ def figures(model, tokenizer, held_out: Conversations, report_args, max_length: 
     from generation_utils import prompt_length
     from model_utils import context_length
 
-    # Each held-out conversation's opening question, once per question, where the question and a reply of the full
-    # budget fit the model's context.
+    # Each held-out conversation's opening question (with its system message, if any), once per question, where the
+    # question and a reply of the full budget fit the model's context.
     room = context_length(model) - report_args.report_max_new_tokens
-    openings = {e["messages"][0]["content"]: e["messages"][:1] for e in held_out.examples}
+    openings = {
+        tuple(m["content"] for m in first_turn(e["messages"])): first_turn(e["messages"]) for e in held_out.examples
+    }
     prompts = [p for p in openings.values() if prompt_length(tokenizer, p) <= room][: report_args.report_prompts]
     result = losses(model, tokenizer, held_out, max_length)
     penalty = report_args.report_repetition_penalty
@@ -306,7 +309,7 @@ def figures(model, tokenizer, held_out: Conversations, report_args, max_length: 
         result[name].update(documented[name])
     result["greedy"] = {name: {k: v for k, v in greedy[name].items() if k != "replies"} for name in greedy}
     result["loss_ratio"] = result["tuned"]["heldout_loss"] / result["base"]["heldout_loss"]
-    result["prompts"] = [p[0]["content"] for p in prompts]
+    result["prompts"] = [p[-1]["content"] for p in prompts]
     return result
 
 

@@ -13,7 +13,7 @@ tokenizer with the portable chat template, run_config.yaml last (every setting o
 --config), and the report (report.py); --push_to_hub then uploads the folder to the Hugging Face Hub (hub_utils.py).
 A finished run is never trained over without --overwrite; --resume continues or extends one (checkpoint_utils.py
 tells how). Ctrl-C or SIGTERM saves a checkpoint after the current step and prints the command
-that resumes.
+that resumes. One run at a time per output folder: a second one ends at once, naming the first (run_lock.py).
 """
 
 import logging
@@ -37,8 +37,19 @@ def train(args: list[str] | None):
     # Heavy imports here, so `--help` and argument errors answer at once.
     from trainer_utils import parse_train_args
 
-    model_args, quant_args, lora_args, data_args, report_args, training_args = parse_train_args(args)
+    settings = parse_train_args(args)
+    *_, training_args = settings
 
+    from model_utils import is_main_process
+    from run_lock import output_dir_lock
+
+    # One run per output folder: locked before anything is written there, to the end of the run (run_lock.py tells
+    # how); a second run on it ends here.
+    with output_dir_lock(training_args.output_dir, take=is_main_process()):
+        return train_in_locked_folder(args, *settings)
+
+
+def train_in_locked_folder(args, model_args, quant_args, lora_args, data_args, report_args, training_args):
     from datasets import Dataset
     from transformers import set_seed
 

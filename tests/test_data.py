@@ -235,8 +235,8 @@ def test_own_data_messages_and_text_lines(tmp_path):
         {"role": "user", "content": "Bye"},
         {"role": "assistant", "content": "See you."},
     ]
-    bad = write_jsonl(tmp_path / "bad.jsonl", [messages[0], {"messages": [{"role": "system", "content": "x"}]}])
-    with pytest.raises(DataError, match="example 2: role 'system' is not supported"):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [messages[0], {"messages": [{"role": "tool", "content": "x"}]}])
+    with pytest.raises(DataError, match="example 2: message 1: role 'tool' is not supported"):
         load_conversations(str(bad))
 
 

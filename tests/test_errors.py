@@ -6,6 +6,7 @@ fails before the model loads. test_config.py runs train.py as a subprocess for a
 below runs inference.py as one, to see the interpreter itself print no traceback.
 """
 
+import gzip
 import json
 import logging
 import subprocess
@@ -79,6 +80,93 @@ def test_non_utf8_file(workdir, capsys, snapshot, tiny_phi):
     assert message == "latin1.jsonl is not UTF-8 text; convert it (e.g. iconv -t utf-8) and try again."
 
 
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        (
+            "trees.jsonl.gz",
+            gzip.compress(b'{"message_tree_id": "t", "prompt": {}}\n')[:-8],  # cut short
+            "trees.jsonl.gz: the gzip data is damaged (Compressed file ended before the end-of-stream marker was "
+            "reached); download or compress it again.",
+        ),
+        (
+            "latin1.jsonl.gz",
+            gzip.compress('{"text": "### Human: Grüß dich ### Assistant: Hallo"}\n'.encode("latin-1")),
+            "latin1.jsonl.gz is not UTF-8 text; convert it (e.g. iconv -t utf-8) and try again.",
+        ),
+        (
+            "chat.jsonl.zst",
+            b"\x28\xb5\x2f\xfd\x00\x00",
+            "chat.jsonl.zst is zstd-compressed: decompress it first (zstd -d); gzip-compressed files are read as "
+            "they are.",
+        ),
+    ],
+    ids=["gzip-cut-short", "gzip-not-utf8", "zstd"],
+)
+def test_compressed_files_that_cannot_be_read(workdir, capsys, snapshot, tiny_phi, name, content, expected):
+    (workdir / name).write_bytes(content)
+    assert train_error(["--dataset", name], workdir, capsys, snapshot, tiny_phi) == expected
+
+
+def test_a_record_in_no_known_format_lists_the_formats(workdir, capsys, snapshot, tiny_phi):
+    (workdir / "chat.jsonl").write_text('{"question": "Hi", "answer": "Hello!"}\n', encoding="utf-8")
+    message = train_error(["--dataset", "chat.jsonl"], workdir, capsys, snapshot, tiny_phi)
+    assert message == (
+        "chat.jsonl: example 1 (keys question, answer) is in no format this kit reads; one record per line, in one "
+        'of: oasst1 trees {"message_tree_id": ..., "prompt": {"message_id": ..., "text": ..., "replies": [...]}}; '
+        'oasst1 rows {"message_id": ..., "parent_id": ..., "role": "prompter", "text": ...}; preference pairs '
+        '{"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}; prompt-completion {"prompt": "Hi", '
+        '"completion": "Hello!"}; messages {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", '
+        '"content": "Hello!"}]}; ShareGPT {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", '
+        '"value": "Hello!"}]}; Alpaca {"instruction": "Greet me.", "input": "", "output": "Hello!"}; text {"text": '
+        '"### Human: Hi ### Assistant: Hello!"}.'
+    )
+
+
+@pytest.mark.parametrize(
+    "records, expected",
+    [
+        (
+            [{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "cat.png"}}]}]}],
+            "example 1: message 1 has a content part of type 'image_url': this model reads text only; remove it, or "
+            "the example.",
+        ),
+        (
+            [{"messages": [{"role": "user", "content": "Hi"}, {"role": "system", "content": "Be brief."}]}],
+            "example 1: message 2 is a system message: only the first message may be one.",
+        ),
+        (
+            [{"messages": [{"role": "user", "content": "Hi"}]}, {"instruction": "Hi", "output": "Hello!"}],
+            'example 2: expected a messages record like the first one, {"messages": [{"role": "user", "content": '
+            '"Hi"}, {"role": "assistant", "content": "Hello!"}]}.',
+        ),
+        (
+            [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "function_call", "value": "{}"}]}],
+            "example 1: message 2: role 'function_call' is not supported (user and assistant turns, and a system "
+            "message first; ShareGPT's human, gpt and system).",
+        ),
+        (
+            [
+                {
+                    "prompt": "Hi",
+                    "completion": [{"role": "assistant", "content": "A"}, {"role": "user", "content": "B"}],
+                }
+            ],
+            'example 1: "completion" must be one assistant message (or a string).',
+        ),
+        (
+            [{"chosen": [{"role": "user", "content": "Hi"}], "rejected": [{"role": "user", "content": "Yo"}]}],
+            'example 1: without a "prompt", "chosen" and "rejected" must be two conversations that differ only in '
+            "their last, assistant, message.",
+        ),
+    ],
+    ids=["image-part", "late-system-message", "format-changes", "sharegpt-tool-role", "two-completions", "no-prompt"],
+)
+def test_records_that_cannot_be_trained_on_name_the_example(workdir, capsys, snapshot, tiny_phi, records, expected):
+    (workdir / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    assert train_error(["--dataset", "chat.jsonl"], workdir, capsys, snapshot, tiny_phi) == f"chat.jsonl: {expected}"
+
+
 def test_rows_missing_required_columns(workdir, capsys, snapshot, tiny_phi):
     rows = [
         {"message_id": "a", "parent_id": None, "text": "Hi", "role": "prompter"},
@@ -90,11 +178,12 @@ def test_rows_missing_required_columns(workdir, capsys, snapshot, tiny_phi):
 
 
 def test_own_conversations_with_a_wrong_role(workdir, capsys, snapshot, tiny_phi):
-    bad = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}
+    bad = {"messages": [{"role": "user", "content": "Hi"}, {"role": "tool", "content": "{}"}]}
     (workdir / "chat.jsonl").write_text(json.dumps(bad) + "\n", encoding="utf-8")
     message = train_error(["--dataset", "chat.jsonl"], workdir, capsys, snapshot, tiny_phi)
     assert message == (
-        "chat.jsonl: example 1: role 'system' is not supported (only user and assistant, as in the template)."
+        "chat.jsonl: example 1: message 2: role 'tool' is not supported (user and assistant turns, and a system "
+        "message first; ShareGPT's human, gpt and system)."
     )
 
 
@@ -347,8 +436,8 @@ def test_dpo_on_conversations_is_one_line(workdir, capsys, snapshot, tiny_phi, s
 def test_dpo_on_your_own_conversations_is_one_line(workdir, chat_file, capsys, snapshot, tiny_phi):
     message = train_error(["--dataset", "chat.jsonl", "--method", "orpo"], workdir, capsys, snapshot, tiny_phi)
     assert message == (
-        "chat.jsonl: preference pairs (--policy best_vs_rest) come from oasst1's ranked replies; your own "
-        "conversations carry no ranks."
+        "chat.jsonl: preference pairs (--policy best_vs_rest) come from oasst1's ranked replies or from "
+        "chosen/rejected pairs; this file holds messages records, which carry no ranks."
     )
 
 

@@ -70,7 +70,7 @@ def test_an_unreachable_hub_costs_one_line_after_the_report_and_keeps_the_run(ti
     assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
         f"error: could not upload {out} to the Hugging Face Hub as me/tuned (ConnectError: [Errno 111] Connection "
         f"refused); the run is complete in {out}, unchanged: upload it later with `hf upload me/tuned {out} . "
-        "--exclude 'checkpoint-*' --exclude training_args.bin`."
+        "--exclude 'checkpoint-*' --exclude training_args.bin --exclude .train.lock`."
     ]
     files = sorted(str(path.relative_to(out)) for path in out.rglob("*") if path.is_file())
     for name in ("adapter_model.safetensors", "chat_template.jinja", "generation_config.json", "eval.json"):

@@ -1,15 +1,20 @@
-"""Messy and hostile oasst1 data: loading takes bounded time and memory, and ends in valid conversations or one error.
+"""Messy and hostile data: loading takes bounded time and memory, and ends in valid conversations or one error.
 
-The property test generates row sets and trees exports that mix valid messages with the cases a broken export or an
-unkind user produces: parent_id loops, self-parents, duplicate ids, parents after their children, missing parents,
-missing or mistyped columns, unknown roles, out-of-turn roles, deep chains, wide fans, huge messages, a byte-order
-mark, Windows line endings and blank lines. For each, `load_conversations` must finish within TIME_BOUND_S seconds,
-with a peak of traced memory within memory_bound(input size), and either
+The property tests generate oasst1 row sets and trees exports that mix valid messages with the cases a broken export
+or an unkind user produces: parent_id loops, self-parents, duplicate ids, parents after their children, missing
+parents, missing or mistyped columns, unknown roles, out-of-turn roles, deep chains, wide fans, huge messages, a
+byte-order mark, Windows line endings and blank lines; and files of your own data in each chat format
+(data_formats.py), plain or gzip, JSON lines or one JSON array, with unknown roles, non-text content parts, turns out
+of order, mistyped fields and records of another format. For each, `load_conversations` must finish within
+TIME_BOUND_S seconds, with a peak of traced memory within memory_bound(input size, uncompressed), and either
 - return conversations whose roles alternate from a user turn and end with an assistant turn, each built only from
-  kept messages (not deleted, not rejected, in --langs) along real parent links from a root; or
-- raise one DataError: a single line, that names the row when a row is at fault, and only when the data is at fault.
+  kept messages (not deleted, not rejected, in --langs) along real parent links from a root (oasst1), or exactly the
+  conversations and pairs the records hold (your own data); or
+- raise one DataError: a single line, that names the row (or example) when one is at fault, and only when the data is
+  at fault.
 """
 
+import gzip
 import json
 import math
 import signal
@@ -68,8 +73,10 @@ def load_bounded(path: Path, policy: str = "best", langs: list[str] | None = Non
         tracemalloc.stop()
         signal.signal(signal.SIGALRM, previous)
     assert seconds < TIME_BOUND_S
-    messages = path.read_bytes().count(b'"message_id"')
-    assert peak < memory_bound(path.stat().st_size, messages), f"peak {peak / 2**20:.1f} MiB"
+    data = path.read_bytes()
+    if data.startswith(b"\x1f\x8b"):  # the bound is on the text read, not on its compressed size
+        data = gzip.decompress(data)
+    assert peak < memory_bound(len(data), data.count(b'"message_id"')), f"peak {peak / 2**20:.1f} MiB"
     return outcome, seconds, peak
 
 
@@ -259,7 +266,8 @@ def check_outcome(outcome, specs: list[dict], langs: list[str], tree_parents: bo
     must_fail = defective or (not tree_parents and has_loop(specs, langs)) or too_deep
     if isinstance(outcome, DataError):
         message = str(outcome)
-        assert "\n" not in message and len(message) < 400, message
+        # One line; the longest, for a first row that is not a JSON object, lists the formats with an example each.
+        assert "\n" not in message and len(message) < 1000, message
         data_is_fine = ("no examples left from", "no message has the language code")
         if not must_fail:
             assert any(phrase in message for phrase in data_is_fine), message
@@ -310,6 +318,220 @@ def test_messy_trees_exports_load_in_bounded_time_and_memory(tmp_path_factory, s
     path = write_lines(tmp_path_factory.mktemp("trees") / "trees.jsonl", as_trees(specs), **encoding)
     outcome, _, _ = load_bounded(path, policy, langs)
     check_outcome(outcome, specs, langs, tree_parents=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Your own data: generated records of each chat format, and what each must read as
+
+USER_FORMATS = ["messages", "ShareGPT", "Alpaca", "prompt-completion", "preference pairs", "text"]
+# The defects a record can have in each format; each must end in one error naming an example.
+USER_DEFECTS = {
+    "messages": ["role", "image", "order", "mistyped", "other_format", "not_object"],
+    "ShareGPT": ["role", "order", "mistyped", "other_format", "not_object"],
+    "Alpaca": ["mistyped", "other_format", "not_object"],
+    "prompt-completion": ["role", "image", "order", "mistyped", "other_format", "not_object"],
+    "preference pairs": ["role", "image", "order", "mistyped", "other_format", "not_object"],
+    "text": ["order", "mistyped", "other_format", "not_object"],
+}
+# No "#" (text lines split on "### Human:"), and no line breaks but the padding's (a .txt file has a record per line).
+SAFE_TEXT = st.text(st.characters(blacklist_characters="#\r\n", blacklist_categories=("Cs",)), max_size=8)
+
+
+@st.composite
+def user_record_specs(draw):
+    """(format, record specs): each spec a conversation ("system", "turns": texts alternating from the user, their
+    "parts" as content parts or not), the extra fields of its format and a "defect"."""
+    fmt = draw(st.sampled_from(USER_FORMATS))
+    defect_percent = draw(st.sampled_from([0, 0, 5, 30]))
+    count = draw(st.sampled_from([12, 1, 3, 12, 300]))
+    specs = []
+    for i in range(count):
+        padding = draw(st.sampled_from(["", " "] if fmt == "text" else ["", " ", "\n"]))
+        spec = {
+            "system": draw(st.booleans()) and fmt not in ("text", "Alpaca"),
+            "turns": [f"{padding}r{i}t{k}: {draw(SAFE_TEXT)}{padding}" for k in range(draw(st.integers(0, 5)))],
+            "parts": draw(st.booleans()),
+            "huge": count < 100 and draw(st.integers(0, 40)) == 17,  # 200,000 more characters in the last turn
+            "input": draw(st.sampled_from(["absent", None, "", " more"])),
+            "implicit": draw(st.booleans()),  # preference pairs: the prompt in "chosen" and "rejected"
+            "defect": draw(st.sampled_from(USER_DEFECTS[fmt])) if draw(st.integers(0, 99)) < defect_percent else None,
+        }
+        if fmt in ("Alpaca", "prompt-completion", "preference pairs") or (fmt == "text" and not spec["turns"]):
+            spec["turns"] = spec["turns"] + [f"r{i}t{k}: x" for k in range(len(spec["turns"]), 2)]
+            if fmt != "Alpaca" and len(spec["turns"]) % 2:  # a prompt and its reply: the last turn the assistant's
+                spec["turns"].append(f"r{i}t{len(spec['turns'])}: reply")
+            if fmt == "Alpaca":
+                spec["turns"] = spec["turns"][:2]
+        if spec["huge"] and spec["turns"]:
+            spec["turns"][-1] += "x" * 200_000
+        if spec["defect"] in ("other_format", "not_object") and i == 0:
+            spec["defect"] = "role" if "role" in USER_DEFECTS[fmt] else "mistyped"  # the first record sets the format
+        specs.append(spec)
+    return fmt, specs
+
+
+def spec_messages(spec: dict) -> list[dict]:
+    system = [{"role": "system", "content": "Be brief."}] if spec["system"] else []
+    return system + [
+        {"role": "user" if k % 2 == 0 else "assistant", "content": text} for k, text in enumerate(spec["turns"])
+    ]
+
+
+def with_defect(messages: list[dict], defect: str | None) -> list[dict]:
+    """Messages as a user's file holds them, broken as the defect says (role, image, order, mistyped)."""
+    messages = [dict(m) for m in messages]
+    if defect in ("image", "mistyped") and not messages:
+        messages.append({"role": "user", "content": "x"})
+    if defect == "role":
+        messages.insert(len(messages) // 2, {"role": "tool", "content": "{}"})
+    elif defect == "image":
+        messages[-1]["content"] = [{"type": "image_url", "image_url": {"url": "cat.png"}}]
+    elif defect == "order":
+        messages.insert(len(messages) - 1, {"role": "assistant", "content": "again"})
+        messages.insert(len(messages) - 1, {"role": "assistant", "content": "and again"})
+    elif defect == "mistyped":
+        messages[-1]["content"] = 7
+    return messages
+
+
+def as_user_record(fmt: str, spec: dict):
+    defect = spec["defect"]
+    if defect == "not_object":
+        return [spec["turns"][0]]
+    if defect == "other_format":
+        return {"instruction": "a", "output": "b"} if fmt != "Alpaca" else {"prompt": "a", "completion": "b"}
+    messages = with_defect(spec_messages(spec), defect if fmt != "text" else None)
+    if spec["parts"]:
+        for m in messages:
+            if isinstance(m["content"], str):
+                m["content"] = [{"type": "text", "text": m["content"]}]
+    if fmt == "messages":
+        return {"messages": messages}
+    if fmt == "ShareGPT":
+        names = {"user": "human", "assistant": "gpt"}
+        return {"conversations": [{"from": names.get(m["role"], m["role"]), "value": m["content"]} for m in messages]}
+    if fmt == "Alpaca":
+        instruction, output = spec["turns"]
+        record = {"instruction": instruction, "output": 7 if defect == "mistyped" else output}
+        return record if spec["input"] == "absent" else {**record, "input": spec["input"]}
+    if fmt == "prompt-completion":
+        return {"prompt": messages[:-1], "completion": messages[-1:]}
+    if fmt == "preference pairs":
+        rejected = {"role": "assistant", "content": "worse"}
+        if spec["implicit"]:
+            return {"chosen": messages, "rejected": messages[:-1] + [rejected]}
+        return {"prompt": messages[:-1], "chosen": messages[-1:], "rejected": [rejected]}
+    line = " ".join(f"{'### Human:' if k % 2 == 0 else '### Assistant:'} {t}" for k, t in enumerate(spec["turns"]))
+    if defect == "order":
+        line = "### Human: first " + line  # two human turns in a row
+    return {"text": line} if defect != "mistyped" else {"text": 7}
+
+
+def expected_user_examples(fmt: str, specs: list[dict]) -> tuple[list, int]:
+    """What a correct reader makes of defect-free records: the examples (conversations or (prompt, chosen, rejected)),
+    and how many records are dropped without an assistant reply."""
+    examples, dropped = [], 0
+    for spec in specs:
+        messages = [{**m, "content": m["content"].strip()} for m in spec_messages(spec)]
+        if fmt == "Alpaca":
+            request = [messages[-2]["content"]] + (
+                [spec["input"].strip()] if spec["input"] not in ("absent", None) else []
+            )
+            messages = messages[:-2] + [
+                {"role": "user", "content": "\n\n".join(p for p in request if p)},
+                messages[-1],
+            ]
+        if fmt == "preference pairs":
+            examples.append((messages[:-1], messages[-1], {"role": "assistant", "content": "worse"}))
+            continue
+        if messages and messages[-1]["role"] == "user":
+            messages = messages[:-1]
+        if any(m["role"] == "assistant" for m in messages):
+            examples.append(messages)
+        else:
+            dropped += 1
+    return examples, dropped
+
+
+def write_user_file(folder: Path, fmt: str, records: list, layout: str, encoding: dict) -> Path:
+    suffix = ".txt" if layout == "text lines" else ".json" if layout == "array" else ".jsonl"
+    path = folder / f"data{suffix}{'.gz' if encoding['gzip'] else ''}"
+    if layout == "text lines":
+        text = "".join(
+            r["text"] + "\n" if isinstance(r, dict) and isinstance(r.get("text"), str) else "no text\n"
+            for r in records
+        )
+        path.write_text(text, encoding="utf-8")
+    elif layout == "array":
+        path.write_text(json.dumps(records), encoding="utf-8")
+    else:
+        write_lines(path, records, **{k: v for k, v in encoding.items() if k != "gzip"})
+    if encoding["gzip"]:
+        path.write_bytes(gzip.compress(path.read_bytes()))
+    return path
+
+
+@settings(SETTINGS, max_examples=120)  # six formats, each in several layouts
+@given(
+    generated=user_record_specs(),
+    layout=st.sampled_from(["array", "lines", "text lines", "lines"]),
+    encoding=st.fixed_dictionaries(
+        {"gzip": st.sampled_from([True, False]), "bom": st.booleans(), "crlf": st.booleans(), "blank": st.booleans()}
+    ),
+    policy=st.sampled_from(["best", "best_vs_rest"]),
+)
+def test_your_own_data_in_every_format_loads_in_bounded_time_and_memory(
+    tmp_path_factory, generated, layout, encoding, policy
+):
+    fmt, specs = generated
+    if layout == "text lines" and fmt != "text":
+        layout = "lines"
+    if fmt != "preference pairs":
+        policy = "best"
+    records = [as_user_record(fmt, spec) for spec in specs]
+    path = write_user_file(tmp_path_factory.mktemp("own"), fmt, records, layout, encoding)
+    outcome, _, _ = load_bounded(path, policy)
+    if any(spec["defect"] for spec in specs):
+        assert isinstance(outcome, DataError), "a defective record loaded without an error"
+        message = str(outcome)
+        assert "\n" not in message and message.startswith(f"{path}: example "), message
+        return
+    expected, dropped = expected_user_examples(fmt, specs)
+    if not expected:
+        assert isinstance(outcome, DataError) and str(outcome).startswith(f"no examples left from {path}: "), outcome
+        return
+    assert not isinstance(outcome, DataError), outcome
+    assert (outcome.counts["records"], outcome.counts["no_reply"]) == (len(specs), dropped)
+    if policy == "best_vs_rest":
+        assert [(e["prompt"], *e["chosen"], *e["rejected"]) for e in outcome.examples] == expected
+    elif fmt == "preference pairs":  # the conversations of each prompt and its chosen reply
+        assert [e["messages"] for e in outcome.examples] == [prompt + [chosen] for prompt, chosen, _ in expected]
+    else:
+        assert [e["messages"] for e in outcome.examples] == expected
+
+
+@pytest.mark.parametrize("fmt", USER_FORMATS)
+def test_thousands_of_records_in_each_format(tmp_path, fmt):
+    """5,000 two-exchange records (a system message first, content parts in every other one), as gzip-compressed
+    JSON lines and as one JSON array: within the bounds, and every one kept."""
+    specs = [
+        {
+            "system": fmt not in ("text", "Alpaca"),
+            "turns": [f"r{i}t{k}: a few words" for k in range(2 if fmt == "Alpaca" else 4)],
+            "parts": i % 2 == 0,
+            "input": "more",
+            "implicit": i % 2 == 0,
+            "defect": None,
+        }
+        for i in range(5000)
+    ]
+    records = [as_user_record(fmt, spec) for spec in specs]
+    expected, _ = expected_user_examples(fmt, specs)
+    policy = "best_vs_rest" if fmt == "preference pairs" else "best"
+    for layout, compressed in (("lines", True), ("array", False)):
+        encoding = {"gzip": compressed, "bom": False, "crlf": False, "blank": False}
+        outcome, _, _ = load_bounded(write_user_file(tmp_path, fmt, records, layout, encoding), policy)
+        assert len(outcome.examples) == len(expected) == 5000
 
 
 # ---------------------------------------------------------------------------------------------------------------
