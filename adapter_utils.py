@@ -16,6 +16,7 @@ from config import (
     QuantizationArguments,
 )
 from model_utils import ModelError, check_safetensors, first_line, load_model, load_tokenizer, save_tokenizer
+from quantization_utils import dequantize_on_cpu
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +125,9 @@ def load_chat_model(
     if adapter_dir is not None:
         model = load_adapter(model, adapter_dir, base, float32_adapter)
     model.eval()
+    added = dequantize_on_cpu(model, quant_args.dequantize_on_cpu)
+    if added:
+        logger.info("Dequantized the 4-bit weights once for generating on CPU (%.2f GiB more).", added / 2**30)
     return model, tokenizer
 
 

@@ -79,6 +79,13 @@ class QuantizationArguments:
             "help": "dtype that holds the packed 4-bit weights; auto: the compute dtype under FSDP, else uint8."
         },
     )
+    dequantize_on_cpu: Literal["auto", "yes", "no"] = field(
+        default="auto",
+        metadata={
+            "help": "Generating on CPU: dequantize the 4-bit weights once, not at every token (faster; 8x their "
+            "memory); auto: when that fits in half the free memory."
+        },
+    )
 
 
 @dataclass

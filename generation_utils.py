@@ -91,11 +91,10 @@ def generate_replies(
     if gen_args.seed is not None:
         torch.manual_seed(gen_args.seed)
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    results = []
+    replies: list[list[int]] = []
+    progress = tqdm(total=len(conversations), desc="Generating", unit="reply", disable=len(conversations) <= 1)
     try:
-        for start in tqdm(
-            range(0, len(conversations), batch_size), desc="Generating", unit="batch", disable=len(conversations) <= 1
-        ):
+        for start in range(0, len(conversations), batch_size):
             batch = tokenizer.apply_chat_template(
                 conversations[start : start + batch_size],
                 add_generation_prompt=True,
@@ -103,29 +102,82 @@ def generate_replies(
                 return_tensors="pt",
                 return_dict=True,
             ).to(model.device)
-            per_row = {} if adapter_names is None else {"adapter_names": adapter_names[start : start + batch_size]}
-            if repetition_penalties is not None:
-                penalties = row_repetition_penalty(repetition_penalties[start : start + batch_size], model.device)
-                per_row |= {"repetition_penalty": 1.0, "logits_processor": LogitsProcessorList([penalties])}
-            output = model.generate(
-                **batch,
-                **(gen_args.generate_kwargs() | per_row),
-                **({"stop_strings": stop_strings, "tokenizer": tokenizer} if stop_strings else {}),
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            for row in output[:, batch["input_ids"].shape[1] :].tolist():
-                # Rows that stop early are padded after their EOS: the reply is everything before the first EOS.
-                ended = tokenizer.eos_token_id in row
-                reply_ids = row[: row.index(tokenizer.eos_token_id)] if ended else row
-                reply = tokenizer.decode(reply_ids, skip_special_tokens=True).strip()
-                stopped = ended and not any(stop in reply for stop in stop_strings or ())
-                results.append({"reply": reply, "stopped": stopped})
-                if count_tokens:
-                    results[-1]["new_tokens"] = len(reply_ids) + stopped
+            per_row = {"adapter_names": adapter_names, "repetition_penalties": repetition_penalties}
+            per_row = {name: values[start : start + batch_size] for name, values in per_row.items() if values}
+            replies += decode_batch(model, tokenizer, batch, gen_args, per_row, stop_strings, progress)
     finally:
         tokenizer.padding_side = padding_side
+        progress.close()
+    results = []
+    for reply_ids in replies:
+        # A row that ended at a stop string was padded after it, with EOS where that is the pad token.
+        ended = bool(reply_ids) and reply_ids[-1] == tokenizer.eos_token_id
+        reply_ids = reply_ids[:-1] if ended else reply_ids
+        reply = tokenizer.decode(reply_ids, skip_special_tokens=True).strip()
+        stopped = ended and not any(stop in reply for stop in stop_strings or ())
+        results.append({"reply": reply, "stopped": stopped})
+        if count_tokens:
+            results[-1]["new_tokens"] = len(reply_ids) + stopped
     return results
+
+
+# Rows generated between two checks for finished ones: a finished row is computed for at most this many more tokens
+# (as padding), and each check costs one generate() call's set-up.
+DECODE_CHUNK_TOKENS = 16
+
+
+def decode_batch(model, tokenizer, batch, gen_args: GenerationArguments, per_row: dict, stop_strings, progress):
+    """Each row's new token ids, up to and including the EOS that ended it. transformers' generate() runs every row of
+    a batch until the last one ends; here it runs DECODE_CHUNK_TOKENS tokens at a time, and a row that ended (EOS, a
+    stop string) leaves the batch and its KV cache between two runs, so that a long reply does not keep the short
+    ones' rows computing. Each run continues from the KV cache of the last, with the whole text so far (a repetition
+    penalty sees all of it), so the tokens are those of one generate() call."""
+    input_ids, attention = batch["input_ids"], batch["attention_mask"]
+    rows = list(range(len(input_ids)))  # the batch rows still generating, as indices into `new`
+    new: list[list[int]] = [[] for _ in rows]
+    cache = None
+    while rows and len(new[rows[0]]) < gen_args.max_new_tokens:
+        kwargs = gen_args.generate_kwargs() | {
+            "max_new_tokens": min(DECODE_CHUNK_TOKENS, gen_args.max_new_tokens - len(new[rows[0]]))
+        }
+        if "adapter_names" in per_row:
+            kwargs["adapter_names"] = [per_row["adapter_names"][i] for i in rows]
+        if "repetition_penalties" in per_row:
+            penalties = row_repetition_penalty([per_row["repetition_penalties"][i] for i in rows], model.device)
+            kwargs |= {"repetition_penalty": 1.0, "logits_processor": LogitsProcessorList([penalties])}
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention,
+            cache=cache,
+            **kwargs,
+            **({"stop_strings": stop_strings, "tokenizer": tokenizer} if stop_strings else {}),
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            return_dict_in_generate=True,
+        )
+        fresh = output.sequences[:, input_ids.shape[1] :]
+        going = []
+        for position, (row, tokens) in enumerate(zip(rows, fresh.tolist(), strict=True)):
+            if tokenizer.eos_token_id in tokens:  # the row ended; what follows its EOS is padding
+                new[row] += tokens[: tokens.index(tokenizer.eos_token_id) + 1]
+            elif stop_strings and any(stop in tokenizer.decode(new[row] + tokens) for stop in stop_strings):
+                while tokens and tokens[-1] == tokenizer.pad_token_id:  # the padding after the stop string
+                    tokens.pop()
+                new[row] += tokens
+            else:
+                new[row] += tokens
+                going.append(position)
+        progress.update(len(rows) - len(going))
+        progress.set_postfix(tokens=sum(map(len, new)), refresh=False)
+        keep = torch.tensor(going, dtype=torch.long, device=fresh.device)
+        rows = [rows[i] for i in going]
+        input_ids = output.sequences[keep]
+        attention = torch.cat([attention, torch.ones_like(fresh)], dim=1)[keep]
+        cache = output.cache
+        if len(going) < len(fresh):
+            cache.batch_select_indices(keep)
+    progress.update(len(rows))
+    return new
 
 
 class StopOnEvent:

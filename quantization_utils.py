@@ -7,6 +7,7 @@ fallbacks), `training_compute_dtype` (a training run's 'auto': its mixed precisi
 `merge_dtype` (--merge-dtype auto) all follow from it, here and nowhere else.
 """
 
+import copy
 import dataclasses
 import functools
 import logging
@@ -159,3 +160,78 @@ def build_bnb_config(args: QuantizationArguments) -> BitsAndBytesConfig | None:
         bnb_4bit_compute_dtype=compute_dtype(args),
         bnb_4bit_quant_storage=quant_storage_dtype(args),
     )
+
+
+def dequantize_on_cpu(model, setting: str = "auto") -> int:
+    """Generation on CPU: replace each 4-bit linear layer by a plain one that holds its weight dequantized once, in the
+    layer's compute dtype; returns the bytes this adds (0 when the layers stay 4-bit).
+
+    Where bitsandbytes has no fused 4-bit kernel for the CPU, it dequantizes every 4-bit weight at every forward: a
+    small cost in a training step, most of a decoding step, which runs the model for one token. The plain layer
+    computes what that matmul computes (the same weights, dequantized the same way, in the same dtype), so replies
+    and losses do not change; LoRA layers keep the plain layer as their base, so adapters still switch on and off.
+    GPUs keep bitsandbytes' fused kernels. `setting`: "yes", "no" or "auto" (`dequantize_decision`)."""
+    layers = list(linear_4bit_layers(model))
+    if not layers or any(layer.weight.device.type != "cpu" for _, _, layer in layers):
+        return 0
+    added = sum(layer.weight.quant_state.shape.numel() * layer_dtype(layer).itemsize for _, _, layer in layers)
+    added -= sum(layer.weight.numel() * layer.weight.element_size() for _, _, layer in layers)
+    # bitsandbytes' bf16 kernel for CPUs with AVX512-BF16 reads the 4-bit weights without dequantizing them first.
+    fused = all(getattr(layer, "support_avx512bf16_for_cpu", False) for _, _, layer in layers)
+    if not dequantize_decision(setting, added, available_memory(), fused):
+        return 0
+    for parent, name, layer in layers:
+        setattr(parent, name, dequantized_linear(layer))
+    return added
+
+
+def dequantize_decision(setting: str, added: int, available: int, fused_kernel: bool) -> bool:
+    """Whether to dequantize: "yes", "no", or "auto": where bitsandbytes has no fused CPU kernel (with one, a reply
+    of one row runs faster from the 4-bit weights than from float32 ones), when the dequantized weights add at most
+    half the free memory (Phi-2 adds 9 GB in float32)."""
+    if setting != "auto":
+        return setting == "yes"
+    return not fused_kernel and added <= available // 2
+
+
+def linear_4bit_layers(model):
+    """(parent module, attribute name, layer) of every bitsandbytes 4-bit linear layer, LoRA's base layers included."""
+    from bitsandbytes.nn import Linear4bit
+
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, Linear4bit):
+                yield parent, name, child
+
+
+def layer_dtype(layer) -> torch.dtype:
+    """The dtype a 4-bit layer computes in: its compute dtype (from the quantization config), else its input's,
+    which is the model's dtype."""
+    return layer.compute_dtype or layer.weight.quant_state.dtype
+
+
+def dequantized_linear(layer) -> torch.nn.Linear:
+    """A plain linear layer with the 4-bit layer's weight dequantized (as bitsandbytes' own matmul dequantizes it)."""
+    from bitsandbytes.functional import dequantize_4bit
+
+    dtype = layer_dtype(layer)
+    plain = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    state = copy.copy(layer.weight.quant_state)
+    state.dtype = dtype  # dequantized straight into the compute dtype, as bitsandbytes' matmul does
+    weight = dequantize_4bit(layer.weight.data, state)
+    plain.weight = torch.nn.Parameter(weight, requires_grad=False)
+    if layer.bias is not None:
+        plain.bias = torch.nn.Parameter(layer.bias.data.to(dtype), requires_grad=False)
+    return plain.train(layer.training)
+
+
+def available_memory() -> int:
+    """Bytes of memory free for new allocations (Linux's MemAvailable; elsewhere the physical memory)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
