@@ -25,11 +25,9 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+from chat_template import ASSISTANT, HUMAN
 from config import DataError
 from oasst_trees import short
-
-# The template's turn markers (data_utils.CHAT_TEMPLATE writes them): text lines are split on them.
-HUMAN, ASSISTANT = "### Human:", "### Assistant:"
 
 # Every format: its name in the log, and one record of it, as the error for an unknown shape shows them.
 FORMATS = {

@@ -1,4 +1,4 @@
-"""oasst1 -> multi-turn conversations -> the "### Human: ... ### Assistant: ..." training text.
+"""A run's data: oasst1 (or your own file) -> multi-turn conversations or preference pairs, and the held-out trees.
 
 Preview or export what training will see:
 
@@ -34,7 +34,6 @@ used as they are; for SFT (and the held-out loss) they are the conversations of 
 loss on that reply.
 """
 
-import functools
 import hashlib
 import itertools
 import json
@@ -43,6 +42,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chat_template import format_text, portable_template
 from config import DataError
 from data_formats import LOSS_ON, read_records, record_format, unknown_format_message, user_examples
 from oasst_trees import (
@@ -62,52 +62,6 @@ HUB_DATASET = "OpenAssistant/oasst1"
 SAMPLE = Path(__file__).parent / "data" / "oasst1" / "laion_en_100_tree.jsonl"  # 100 real trees, bundled
 
 
-# The conversation template: the one source of truth, also saved as the tokenizer's `chat_template`, so training,
-# inference, the app and outside tools (`tokenizer.apply_chat_template`) all build byte-identical prompts. The words
-# are the original recipe's; turns are joined by one space; every assistant turn ends with EOS.
-# The generation prompt ends at "### Assistant:" with no trailing space: in training the reply's first token carries
-# the space (" Hello"), so the prompt must stop exactly where that token starts.
-# A system message (OpenAI-style clients send one) opens the first human turn, followed by a blank line: the model
-# was trained on human and assistant turns only, so it reads the system text as part of the first request. Tools, tool
-# calls and any other role are an error, since the model never saw them.
-def _conversation_template(reply: str) -> str:
-    """The template around `reply`, the Jinja that renders an assistant message's text and its EOS."""
-    return (
-        "{%- if tools -%}{{ raise_exception('Tools are not supported: this model was trained on plain user and "
-        "assistant turns.') }}{%- endif -%}"
-        "{%- set offset = 1 if messages and messages[0]['role'] == 'system' else 0 -%}"
-        "{%- if offset and (messages | length < 2 or messages[1]['role'] != 'user') -%}"
-        "{{ raise_exception('A system message must be followed by a user message.') }}"
-        "{%- endif -%}"
-        "{%- for message in messages -%}"
-        "{%- if message['tool_calls'] is defined and message['tool_calls'] -%}"
-        "{{ raise_exception('Tool calls are not supported: this model was trained on plain user and assistant "
-        "turns.') }}"
-        "{%- elif loop.index0 >= offset -%}"  # the system message itself is rendered with the first user turn
-        "{%- if loop.index0 > offset %}{{ ' ' }}{% endif -%}"
-        "{%- if message['role'] == 'user' -%}"
-        "{{ '### Human: ' }}"
-        "{%- if offset and loop.index0 == 1 -%}{{ messages[0]['content'] + '\\n\\n' }}{%- endif -%}"
-        "{{ message['content'] }}"
-        "{%- elif message['role'] == 'assistant' -%}"
-        "{{ '### Assistant:' }}" + reply + "{%- else -%}"
-        "{{ raise_exception('Only user and assistant messages (and a system message first) are supported, got: ' "
-        "+ message['role']) }}"
-        "{%- endif -%}"
-        "{%- endif -%}"
-        "{%- endfor -%}"
-        "{%- if add_generation_prompt -%}{{ (' ' if messages else '') + '### Assistant:' }}{%- endif -%}"
-    )
-
-
-ASSISTANT_REPLY = "{{ ' ' + message['content'] + eos_token }}"
-# Training: the {% generation %} block (the assistant's text and its EOS) is what the loss covers, so the model learns
-# to stop. It is a transformers extension of Jinja (plain Jinja2 fails on it: "unknown tag 'generation'").
-CHAT_TEMPLATE = _conversation_template("{% generation %}" + ASSISTANT_REPLY + "{% endgeneration %}")
-# Everything saved (the adapter's and the merged model's tokenizer): the same text without the markers, which plain
-# Jinja2 renders byte for byte as transformers renders CHAT_TEMPLATE, so engines that render templates themselves
-# (llama.cpp, TGI) accept it.
-PORTABLE_CHAT_TEMPLATE = _conversation_template(ASSISTANT_REPLY)
 CONVERSATION_POLICIES = ("best", "replies")
 
 
@@ -319,127 +273,6 @@ def load_train_and_eval(
             len(train.examples),
         )
     return train, dev, test
-
-
-def drop_long_examples(conversations: Conversations, tokenizer, max_length: int | None) -> Conversations:
-    """Keep the examples whose templated text fits in max_length tokens (so their final EOS is trained)."""
-    if max_length is None:
-        return conversations
-    kept = [
-        e
-        for e in conversations.examples
-        if all(
-            len(tokenizer.apply_chat_template(messages, return_dict=True)["input_ids"]) <= max_length
-            for messages in trained_conversations(e)
-        )
-    ]
-    counts = Counter(conversations.counts)
-    counts["too_long"] = len(conversations.examples) - len(kept)
-    logger.info(
-        "Dropped %d of %d examples longer than %d tokens.", counts["too_long"], len(conversations.examples), max_length
-    )
-    if not kept:
-        raise DataError(f"every example is longer than --max_length {max_length}; raise it or use truncation.")
-    return Conversations(kept, conversations.loss_on, counts)
-
-
-def drop_untrainable_examples(conversations: Conversations, tokenizer, max_length: int | None) -> Conversations:
-    """--max_length must leave room for what the loss covers: truncation keeps the start of an example, so an example
-    whose first trained reply starts past max_length tokens would train nothing (every label masked). Without packing
-    TRL drops such examples itself; packed, they would still fill a row with compute that trains nothing. Drop them
-    here, for both."""
-    if max_length is None:
-        return conversations
-    empty = [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]
-    overhead = len(tokenizer.apply_chat_template(empty, return_dict=True)["input_ids"])
-    if max_length <= overhead:
-        raise DataError(
-            f"--max_length {max_length} is too short for the conversation template: an empty exchange already takes "
-            f"{overhead} tokens (the default is 512)."
-        )
-
-    # The prompt before the first reply in the loss: the first user turn (with the system message that opens it), or
-    # the whole context for loss on the last reply (and for a preference pair).
-    def prompt(conversation: list[dict]) -> list[dict]:
-        return first_turn(conversation) if conversations.loss_on == "all" else conversation[:-1]
-
-    kept = [
-        e
-        for e in conversations.examples
-        if len(
-            tokenizer.apply_chat_template(
-                prompt(trained_conversations(e)[0]), add_generation_prompt=True, return_dict=True
-            )["input_ids"]
-        )
-        < max_length
-    ]
-    if not kept:
-        raise DataError(
-            f"--max_length {max_length} is too short for this data: in every example the prompt before the first "
-            "trained reply is longer, so nothing would be trained; raise --max_length."
-        )
-    counts = Counter(conversations.counts)
-    counts["prompt_too_long"] = len(conversations.examples) - len(kept)
-    if counts["prompt_too_long"]:
-        logger.info(
-            "Dropped %d of %d examples whose prompt is longer than --max_length %d: truncation leaves them nothing to "
-            "train.",
-            counts["prompt_too_long"],
-            len(conversations.examples),
-            max_length,
-        )
-    return Conversations(kept, conversations.loss_on, counts)
-
-
-def first_turn(messages: list[dict]) -> list[dict]:
-    """A conversation's opening request: its first user message, with the system message before it (the template
-    renders the two as one human turn)."""
-    return messages[: 2 if messages[0]["role"] == "system" else 1]
-
-
-def trained_conversations(example: dict) -> list[list[dict]]:
-    """The conversations an example trains on: itself, or a preference pair's prompt with each of its replies."""
-    if "messages" in example:
-        return [example["messages"]]
-    return [example["prompt"] + example["chosen"], example["prompt"] + example["rejected"]]
-
-
-def prepare_examples(conversations: Conversations, tokenizer, max_length: int | None, long_examples: str):
-    """The training examples: those longer than max_length dropped when --long_examples drop asks for it, then those
-    that truncation would leave with nothing to train. Held-out data is never filtered (load_train_and_eval)."""
-    if long_examples == "drop":
-        conversations = drop_long_examples(conversations, tokenizer, max_length)
-    return drop_untrainable_examples(conversations, tokenizer, max_length)
-
-
-def to_training_records(conversations: Conversations) -> list[dict]:
-    """Rows for TRL's SFTTrainer: conversational `messages` (loss on all assistant turns), or prompt/completion
-    (loss on the completion, i.e. the final reply, only); for its DPOTrainer and ORPOTrainer, conversational
-    prompt/chosen/rejected."""
-    if conversations.loss_on == "pairs":
-        return [{key: e[key] for key in ("prompt", "chosen", "rejected")} for e in conversations.examples]
-    if conversations.loss_on == "all":
-        return [{"messages": e["messages"]} for e in conversations.examples]
-    return [{"prompt": e["messages"][:-1], "completion": e["messages"][-1:]} for e in conversations.examples]
-
-
-def format_text(messages: list[dict], eos_token: str = "") -> str:
-    """Render the conversation as text (without special tokens by default), byte for byte as the tokenizer does:
-    the portable template through plain Jinja2, as engines without transformers render it."""
-    return portable_template().render(messages=messages, eos_token=eos_token)
-
-
-@functools.cache
-def portable_template():
-    """PORTABLE_CHAT_TEMPLATE compiled by plain Jinja2, with the one helper every chat-template engine provides."""
-    import jinja2
-
-    def raise_exception(message: str):
-        raise jinja2.TemplateError(message)
-
-    environment = jinja2.Environment()
-    environment.globals["raise_exception"] = raise_exception
-    return environment.from_string(PORTABLE_CHAT_TEMPLATE)
 
 
 def pair_record(pair: dict) -> dict:

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from chat_template import CHAT_TEMPLATE, PORTABLE_CHAT_TEMPLATE
 from config import ModelArguments, QuantizationArguments, UserError
-from data_utils import CHAT_TEMPLATE, PORTABLE_CHAT_TEMPLATE
 from quantization_utils import build_bnb_config, compute_dtype, fsdp_enabled, quant_storage_dtype, this_device
 
 logger = logging.getLogger(__name__)

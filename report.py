@@ -4,8 +4,8 @@
     python report.py --model_dir model --report_prompts 20 --report_repetition_penalty 1.0
 
 Reads the run's settings from model_dir/run_config.yaml, rebuilds the same held-out conversations that training
-evaluated on (data_utils.prepare_examples), loads the base once and switches the adapter off for the base figures,
-then writes to model_dir:
+evaluated on (training_examples.prepare_examples), loads the base once and switches the adapter off for the base
+figures, then writes to model_dir:
 - eval.json: held-out loss and perplexity on assistant tokens, and the clean-stop rate (greedy replies to held-out
   prompts that end with EOS within the budget and invent no "### Human:" turn), for base and tuned;
 - loss.png: training and held-out loss against step;
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from chat_template import HUMAN, first_turn
 from cli_utils import argument_parser, fail, quiet_known_noise
 from config import (
     DataArguments,
@@ -31,8 +32,7 @@ from config import (
     ReportArguments,
     UserError,
 )
-from data_formats import HUMAN
-from data_utils import HUB_DATASET, Conversations, DataError, first_turn
+from data_utils import HUB_DATASET, Conversations, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -588,7 +588,8 @@ def write_report(folder: Path, run: dict, report_args: ReportArguments) -> dict:
     import gc
 
     from adapter_utils import find_adapter, load_chat_model
-    from data_utils import load_train_and_eval, prepare_examples
+    from data_utils import load_train_and_eval
+    from training_examples import prepare_examples
 
     # 1. The held-out conversations: the test part if the run has one, else the dev part training evaluated on.
     # Never filtered by length: a long conversation is scored on its first --max_length tokens.

@@ -55,7 +55,7 @@ def train_in_locked_folder(args, model_args, quant_args, lora_args, data_args, r
 
     import checkpoint_utils
     from adapter_utils import build_lora_config
-    from data_utils import load_train_and_eval, prepare_examples, to_training_records
+    from data_utils import load_train_and_eval
     from model_utils import describe_hardware, is_main_process, load_model, load_tokenizer, save_tokenizer
     from quantization_utils import dtype_name, for_training
     from trainer_utils import (
@@ -66,6 +66,7 @@ def train_in_locked_folder(args, model_args, quant_args, lora_args, data_args, r
         release_training_state,
         stop_on_signal,
     )
+    from training_examples import prepare_examples, to_training_records
 
     if not is_main_process():  # under torchrun/accelerate launch the main process speaks for all
         logging.getLogger().setLevel(logging.WARNING)

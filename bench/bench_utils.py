@@ -18,7 +18,8 @@ def training_records(path: str | Path, policy: str, limit: int = 0, tokenizer=No
     """SFTTrainer rows: the repo's conversations (best / replies), or the original recipe's single-turn pairs (the
     best-ranked reply and the prompt right above it). With a tokenizer, as train.py: without the examples that
     truncation to max_length would leave with nothing to train (so both variants train the same examples)."""
-    from data_utils import Conversations, drop_untrainable_examples, load_conversations, to_training_records
+    from data_utils import Conversations, load_conversations
+    from training_examples import drop_untrainable_examples, to_training_records
 
     if policy == "pairs":
         replies = load_conversations(str(path), policy="replies")

@@ -28,7 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data_utils import SAMPLE, format_text, read_jsonl  # noqa: E402
+from chat_template import format_text  # noqa: E402
+from data_utils import SAMPLE, read_jsonl  # noqa: E402
 from oasst_trees import Tree, best_path_conversations, filter_messages, flatten_trees  # noqa: E402
 
 OASST1_TRAIN_ROWS = 84_437

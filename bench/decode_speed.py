@@ -32,8 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_utils import write_json  # noqa: E402
 
+from chat_template import HUMAN  # noqa: E402
 from checkpoint_utils import read_run_config  # noqa: E402
-from data_formats import HUMAN  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -6,9 +6,10 @@ from datasets import Dataset
 
 from adapter_utils import build_lora_config
 from config import LoraArguments, ModelArguments, QuantizationArguments
-from data_utils import Conversations, to_training_records
+from data_utils import Conversations
 from model_utils import load_model
 from trainer_utils import TrainingConfig, build_trainer
+from training_examples import to_training_records
 
 CONVERSATIONS = [
     [

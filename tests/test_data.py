@@ -5,15 +5,10 @@ from collections import Counter
 
 import pytest
 
-from data_utils import (
-    DataError,
-    format_text,
-    load_conversations,
-    read_jsonl,
-    split_by_tree,
-    to_training_records,
-)
+from chat_template import format_text
+from data_utils import DataError, load_conversations, read_jsonl, split_by_tree
 from oasst_trees import best_reply, flatten_trees
+from training_examples import to_training_records
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 import train
-from data_utils import Conversations, load_conversations, main, to_training_records
+from data_utils import Conversations, load_conversations, main
+from training_examples import to_training_records
 
 SYSTEM = {"role": "system", "content": "Answer in one word."}
 FRANCE = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]

@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import inference
 from adapter_utils import load_chat_model
+from chat_template import PORTABLE_CHAT_TEMPLATE
 from config import GenerationArguments, QuantizationArguments
-from data_utils import PORTABLE_CHAT_TEMPLATE
 from generation_utils import (
     generate_replies,
     generate_reply,

@@ -10,9 +10,10 @@ from test_template import CONVERSATION, OTHER, segments
 
 from adapter_utils import build_lora_config
 from config import LoraArguments, ModelArguments, QuantizationArguments
-from data_utils import Conversations, drop_untrainable_examples, load_conversations, to_training_records
+from data_utils import Conversations, load_conversations
 from model_utils import load_model
 from trainer_utils import TrainingConfig, build_trainer, packed_examples_stay_apart
+from training_examples import drop_untrainable_examples, to_training_records
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,10 @@ from safetensors.torch import load_file
 
 import train
 from config import ModelArguments, QuantizationArguments
-from data_utils import SAMPLE, load_conversations, to_training_records
+from data_utils import SAMPLE, load_conversations
 from model_utils import load_model
 from trainer_utils import build_trainer, global_batch_message, parse_train_args
+from training_examples import to_training_records
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIR = {

@@ -12,7 +12,7 @@ from conftest import free_port, running_server
 from transformers import AutoTokenizer
 
 import inference
-from data_utils import PORTABLE_CHAT_TEMPLATE
+from chat_template import PORTABLE_CHAT_TEMPLATE
 
 SYSTEM = "Answer in one word."
 QUESTION = "Is the sky blue?"  # the "Yes." adapter's training question: it answers and stops at EOS

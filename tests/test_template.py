@@ -6,19 +6,12 @@ import pytest
 from datasets import Dataset
 
 from adapter_utils import build_lora_config
+from chat_template import CHAT_TEMPLATE, PORTABLE_CHAT_TEMPLATE, format_text, portable_template
 from config import LoraArguments, ModelArguments, QuantizationArguments
-from data_utils import (
-    CHAT_TEMPLATE,
-    PORTABLE_CHAT_TEMPLATE,
-    SAMPLE,
-    Conversations,
-    format_text,
-    load_conversations,
-    portable_template,
-    to_training_records,
-)
+from data_utils import SAMPLE, Conversations, load_conversations
 from model_utils import load_model
 from trainer_utils import TrainingConfig, build_trainer
+from training_examples import to_training_records
 
 EOS = "<|endoftext|>"
 CONVERSATION = [
@@ -118,7 +111,8 @@ def test_replies_policy_trains_the_final_reply_only(model, tokenizer, tmp_path):
 
 
 def test_drop_long_examples_keeps_those_that_fit_with_their_eos(tokenizer):
-    from data_utils import DataError, drop_long_examples
+    from config import DataError
+    from training_examples import drop_long_examples
 
     lengths = [len(tokenizer.apply_chat_template(c, return_dict=True)["input_ids"]) for c in (CONVERSATION, OTHER)]
     conversations = Conversations([{"messages": CONVERSATION}, {"messages": OTHER}], "all")

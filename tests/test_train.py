@@ -12,7 +12,7 @@ import torch
 import yaml
 
 import train
-from data_utils import CHAT_TEMPLATE, PORTABLE_CHAT_TEMPLATE
+from chat_template import CHAT_TEMPLATE, PORTABLE_CHAT_TEMPLATE
 from model_utils import load_tokenizer
 from trainer_utils import parse_train_args
 
