@@ -1,5 +1,5 @@
-"""LoRA adapters: the config from `LoraArguments`; finding, checking and loading a trained adapter on its base; merging
-it into a standalone model.
+"""LoRA adapters: the config from `LoraArguments`; finding, checking and loading a trained adapter on its base (for
+generation, or trainable for DPO with its frozen reference copy); merging it into a standalone model.
 """
 
 import json
@@ -155,6 +155,26 @@ def load_adapter(model, adapter_dir: Path, base: str, float32_adapter: bool = Fa
             f"the adapter in {adapter_dir} does not fit {base}: its weights have other shapes (it was trained on "
             "another model); leave --base out to use the model it was trained on."
         ) from None
+
+
+def load_trainable_adapter(model, adapter: str):
+    """--init_adapter on the prepared base, trainable. DPOTrainer, given a PEFT model and no reference model, keeps a
+    frozen copy of this adapter under the name "ref" and computes the reference log-probs through it: the reference
+    is the SFT policy, on the same base in memory (no second copy of the base), for a LoRA-sized copy of weights.
+    We chose it over TRL's precomputed reference log-probs (precompute_ref_log_probs), which also needs no second base
+    but scores the whole training set before the first step and caches it in a datasets cache file keyed by hashes of
+    the data and the model; the reference adapter costs one no-grad forward per step instead, works the same for the
+    dev set, --resume and torchrun, and leaves nothing on disk. The "ref" copy is dropped before the final adapter is
+    saved (drop_reference_adapter)."""
+    return load_adapter(model, find_adapter(adapter), model.name_or_path, float32_adapter=True, trainable=True)
+
+
+def drop_reference_adapter(trainer) -> None:
+    """DPO from --init_adapter: remove the frozen "ref" copy of the SFT adapter (load_trainable_adapter), so that
+    the output folder holds the trained adapter alone; checkpoints keep it, for --resume."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if "ref" in getattr(model, "peft_config", {}):
+        model.delete_adapter("ref")
 
 
 def check_lora_targets(lora_config, model) -> None:

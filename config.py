@@ -5,7 +5,7 @@ A YAML file under `configs/` sets defaults, command-line flags override them, an
     python train.py --config configs/phi2_oasst1.yaml --max_steps 100
     python train.py --help
 
-The training loop's settings are TRL's `SFTConfig` with our defaults (`trainer_utils.TrainingConfig`, kept there so
+The training loop's settings are TRL's `SFTConfig` with our defaults (`train_settings.TrainingConfig`, kept there so
 that `import config` stays free of TRL). Parsing lives in `cli_utils.py`.
 """
 

@@ -1,6 +1,6 @@
 """Share a finished run on the Hugging Face Hub (--push_to_hub): the output folder in one commit, after the report,
 so that the repository holds the final adapter, the tokenizer with the portable chat template, the decoding settings
-and the model card with its figures. The Trainer itself never pushes (trainer_utils.build_trainer).
+and the model card with its figures. The Trainer itself never pushes (trainer_setup.method_trainer).
 
 What can be known before training is checked then (the repository name, a token, offline mode); a failed upload ends
 in one line with the command that uploads the folder later, and every local file stays as it was.

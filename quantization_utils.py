@@ -4,7 +4,9 @@ The decision is a pure function of the device (`device_precision(kind, capabilit
 natively (compute capability 8.0 and up: A100, L4, RTX 30xx and newer), fp16 on older GPUs (T4, V100), float32 on
 CPU. `compute_dtype` (what the matmuls run in), `training_precision` (the Trainer's bf16/fp16 flags, and the optimizer
 fallbacks), `training_compute_dtype` (a training run's 'auto': its mixed precision, when --bf16/--fp16 say) and
-`merge_dtype` (--merge-dtype auto) all follow from it, here and nowhere else.
+`merge_dtype` (--merge-dtype auto) all follow from it, here and nowhere else. What stays in float32 whatever the
+compute dtype (the norms, the trained LoRA weights outside bf16) and what is dequantized for CPU decoding is set here
+too.
 """
 
 import copy
@@ -134,6 +136,35 @@ def training_precision(bf16: bool | None, fp16: bool | None, optim: str) -> tupl
         logger.warning("--optim %s needs CUDA: using adamw_torch on CPU.", optim)
         optim = "adamw_torch"
     return cpu_bf16, False, optim
+
+
+def keep_norms_in_float32(model) -> None:
+    """Store the normalization layers' weights in float32, as peft's `prepare_model_for_kbit_training` does, and
+    nothing else: peft upcasts every parameter that is not 4-bit, which for Phi-2 includes the frozen, untied
+    embedding and output head (twice their memory, for nothing), and which TRL's ORPOTrainer still applies itself.
+    Everything is frozen here; get_peft_model then makes the LoRA weights the only trainable ones, and the Trainer
+    turns activation checkpointing on."""
+    for module in model.modules():
+        if "norm" in type(module).__name__.lower():
+            for param in module.parameters(recurse=False):
+                if param.dtype in (torch.float16, torch.bfloat16):
+                    param.data = param.data.float()
+    for param in model.parameters():
+        param.requires_grad = False
+
+
+def keep_trainable_weights_in_float32(model) -> None:
+    """Train float32 LoRA weights unless training in bf16.
+
+    TRL 1.16's SFTTrainer casts the LoRA weights of a 4-bit model to bf16 whatever the precision (right for bf16, as
+    the QLoRA paper trains). With --fp16 the first optimizer step would then fail in the GradScaler, which unscales
+    float32 gradients only ("not implemented for 'BFloat16'", https://github.com/huggingface/trl/issues/4901). In
+    float32 (CPU) every LoRA matmul would run in bf16, which a CPU without bf16 instructions emulates, slower than
+    float32, and the updates would be rounded to bf16. The optimizer does not exist yet, so casting back here is the
+    whole fix, and --resume keeps these dtypes (workarounds.RestoreTrainableDtypesOnResume)."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
 
 
 def fsdp_enabled() -> bool:

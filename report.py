@@ -33,6 +33,7 @@ from config import (
     UserError,
 )
 from data_utils import HUB_DATASET, Conversations, DataError
+from trainer_setup import global_batch
 
 logger = logging.getLogger(__name__)
 
@@ -469,7 +470,7 @@ A LoRA adapter trained with 4-bit ({run["bnb_4bit_quant_type"]}) QLoRA on OpenAs
 ## Training
 - LoRA r {data["lora"]["r"]}, alpha {data["lora"]["lora_alpha"]}, dropout {data["lora"]["lora_dropout"]}, targets
   `{data["lora"]["target_modules"]}`; double quantization {run["bnb_4bit_use_double_quant"]}.
-- {run["max_steps"]} steps of {global_batch(run, train_metrics)}, {run["max_length"]} tokens, learning rate
+- {run["max_steps"]} steps of {card_global_batch(run, train_metrics)}, {run["max_length"]} tokens, learning rate
   {run["learning_rate"]} ({run["lr_scheduler_type"]}, warmup {run["warmup_steps"]}), optimizer {run["optim"]}, max grad
   norm {run["max_grad_norm"]}, seed {run["seed"]}.
 - Hardware: {train_metrics.get("hardware", "n/a")}; training time {train_metrics.get("train_runtime", 0):.0f} s;
@@ -516,23 +517,13 @@ turn, and tools are refused. An OpenAI-compatible endpoint: `python inference.py
 """
 
 
-def global_batch(run: dict, train_metrics: dict) -> str:
-    """'micro-batch 4 x accumulation 2 = 8 packed rows of up to 512 tokens' (or N examples unpacked), with the process
-    count when there were several."""
+def card_global_batch(run: dict, train_metrics: dict) -> str:
+    """The run's global batch (trainer_setup.global_batch), from its settings and the Trainer's own count."""
     processes = train_metrics.get("processes", 1)
-    text = f"micro-batch {run['per_device_train_batch_size']} x accumulation {run['gradient_accumulation_steps']}"
-    if processes > 1:
-        text += f" x {processes} processes"
-    total = train_metrics.get(
-        "global_batch_size", run["per_device_train_batch_size"] * run["gradient_accumulation_steps"] * processes
-    )
-    if run.get("method", "sft") != "sft":
-        unit = "preference pairs"  # packing is SFT's alone
-    elif run.get("packing"):
-        unit = f"packed rows of up to {run['max_length']} tokens"
-    else:
-        unit = "examples"
-    return f"{text} = {total} {unit}"
+    micro_batch, accumulation = run["per_device_train_batch_size"], run["gradient_accumulation_steps"]
+    total = train_metrics.get("global_batch_size", micro_batch * accumulation * processes)
+    pairs = run.get("method", "sft") != "sft"
+    return global_batch(micro_batch, accumulation, processes, total, pairs, run.get("packing"), run["max_length"])
 
 
 def framework_versions() -> str:

@@ -35,7 +35,7 @@ def main(args: list[str] | None = None):
 
 def train(args: list[str] | None):
     # Heavy imports here, so `--help` and argument errors answer at once.
-    from trainer_utils import parse_train_args
+    from train_settings import parse_train_args
 
     settings = parse_train_args(args)
     *_, training_args = settings
@@ -54,18 +54,12 @@ def train_in_locked_folder(args, model_args, quant_args, lora_args, data_args, r
     from transformers import set_seed
 
     import checkpoint_utils
-    from adapter_utils import build_lora_config
+    from adapter_utils import build_lora_config, drop_reference_adapter
     from data_utils import load_train_and_eval
     from model_utils import describe_hardware, is_main_process, load_model, load_tokenizer, save_tokenizer
     from quantization_utils import dtype_name, for_training
-    from trainer_utils import (
-        build_trainer,
-        drop_reference_adapter,
-        exit_if_stopped,
-        global_batch_message,
-        release_training_state,
-        stop_on_signal,
-    )
+    from train_callbacks import exit_if_stopped, stop_on_signal
+    from trainer_setup import build_trainer, global_batch_message, release_training_state
     from training_examples import prepare_examples, to_training_records
 
     if not is_main_process():  # under torchrun/accelerate launch the main process speaks for all

@@ -68,7 +68,8 @@ def run_variant(args) -> dict:
     from adapter_utils import build_lora_config
     from config import LoraArguments, ModelArguments, QuantizationArguments
     from model_utils import load_model, load_tokenizer
-    from trainer_utils import TrainingConfig, build_trainer
+    from train_settings import TrainingConfig
+    from trainer_setup import build_trainer
 
     tokenizer = load_tokenizer(args.model)
     records = bench.training_records(args.data, args.data_policy, args.examples, tokenizer, args.max_length)

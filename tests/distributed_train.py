@@ -20,11 +20,11 @@ if __name__ == "__main__":
     import logging
 
     import train
-    import trainer_utils
+    import trainer_setup
 
     # The main process lets go of its model before the report: its weights are taken just before.
-    release = trainer_utils.release_training_state
-    trainer_utils.release_training_state = lambda trainer: (dump_lora_weights(trainer), release(trainer))
+    release = trainer_setup.release_training_state
+    trainer_setup.release_training_state = lambda trainer: (dump_lora_weights(trainer), release(trainer))
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     trainer, _ = train.main(sys.argv[1:])

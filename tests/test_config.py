@@ -10,7 +10,7 @@ import torch
 from adapter_utils import build_lora_config, lora_target_modules
 from config import PHI_LORA_TARGETS, QuantizationArguments
 from quantization_utils import build_bnb_config
-from trainer_utils import parse_train_args
+from train_settings import parse_train_args
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE_CONFIGS = sorted((ROOT / "configs" / "accelerate").rglob("*.yaml"))  # for `accelerate launch`

@@ -8,7 +8,8 @@ from adapter_utils import build_lora_config
 from config import LoraArguments, ModelArguments, QuantizationArguments
 from data_utils import Conversations
 from model_utils import load_model
-from trainer_utils import TrainingConfig, build_trainer
+from train_settings import TrainingConfig
+from trainer_setup import build_trainer
 from training_examples import to_training_records
 
 CONVERSATIONS = [

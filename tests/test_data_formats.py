@@ -248,7 +248,8 @@ def test_a_system_message_carries_no_loss(tiny_phi, tokenizer, tmp_path):
     from adapter_utils import build_lora_config
     from config import LoraArguments, ModelArguments, QuantizationArguments
     from model_utils import load_model
-    from trainer_utils import TrainingConfig, build_trainer
+    from train_settings import TrainingConfig
+    from trainer_setup import build_trainer
 
     data = write(tmp_path / "chat.jsonl", json_lines([{"messages": [SYSTEM, *FRANCE, *ITALY]}]))
     records = to_training_records(load_conversations(str(data)))

@@ -114,10 +114,7 @@ def test_files_are_written_once_as_in_a_one_process_run(two_process_run, tiny_cp
 def test_global_batch_is_reported_and_counted_as_in_one_process(two_process_run, tiny_cpu_run):
     out, _, stdout = two_process_run
     one_process, one_process_out, _ = tiny_cpu_run
-    line = (
-        "2 processes x micro-batch 2 x accumulation 1 = global batch 4 packed rows of up to 256 tokens per optimizer "
-        "step"
-    )
+    line = "micro-batch 2 x accumulation 1 x 2 processes = 4 packed rows of up to 256 tokens per optimizer step"
     assert stdout.count(line) == 1
     metrics = json.loads((out / "train_results.json").read_text())
     assert (metrics["processes"], metrics["global_batch_size"]) == (2, 4)
@@ -229,7 +226,7 @@ def test_fsdp_qlora_defaults_switch_the_optimizer_and_checkpoint_reentrant(monke
     checkpointing is reentrant, as in PEFT's FSDP-QLoRA guide; without them, neither changes."""
     import logging
 
-    from trainer_utils import parse_train_args
+    from train_settings import parse_train_args
 
     recipe = ["--config", str(ROOT / "configs" / "phi2_oasst1.yaml")]
     *_, plain = parse_train_args(recipe)
@@ -261,5 +258,5 @@ def test_dpo_under_torchrun_ends_with_identical_adapters_on_both_processes(tiny_
         assert torch.equal(rank0[name], saved[name]), name
     assert any(not torch.equal(saved[name], start[name]) for name in saved)  # DPO moved it
     assert not (out / "ref").exists() and stdout.count("Saved the adapter to") == 1
-    batch = "2 processes x micro-batch 2 x accumulation 1 = global batch 4 preference pairs per optimizer step"
+    batch = "micro-batch 2 x accumulation 1 x 2 processes = 4 preference pairs per optimizer step"
     assert batch in stdout

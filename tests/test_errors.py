@@ -19,7 +19,7 @@ import torch
 import inference
 import train
 from config import ModelArguments, QuantizationArguments
-from trainer_utils import parse_train_args
+from train_settings import parse_train_args
 
 ROOT = Path(__file__).resolve().parents[1]
 

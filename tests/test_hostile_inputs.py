@@ -18,7 +18,7 @@ import app
 import inference
 import report
 import train
-from trainer_utils import parse_train_args
+from train_settings import parse_train_args
 
 
 @pytest.fixture

@@ -12,7 +12,8 @@ from adapter_utils import build_lora_config
 from config import LoraArguments, ModelArguments, QuantizationArguments
 from data_utils import Conversations, load_conversations
 from model_utils import load_model
-from trainer_utils import TrainingConfig, build_trainer, packed_examples_stay_apart
+from train_settings import TrainingConfig
+from trainer_setup import build_trainer, packed_examples_stay_apart
 from training_examples import drop_untrainable_examples, to_training_records
 
 
@@ -171,7 +172,7 @@ def test_attention_that_would_mix_packed_examples_falls_back_to_length_grouping(
     AttentionInterface.register("causal_only_for_test", causal_only_attention)
     sdpa = load_model(ModelArguments(model_name_or_path=str(tiny_phi)), QuantizationArguments(load_in_4bit=False))
     assert packed_examples_stay_apart(sdpa)
-    with caplog.at_level(logging.WARNING, logger="trainer_utils"):
+    with caplog.at_level(logging.WARNING, logger="trainer_setup"):
         trainer = trainer_for(tiny_phi, tokenizer, tmp_path, short_conversations, True, attn="causal_only_for_test")
     assert "Packing is off" in caplog.text
     assert not trainer.args.packing and not trainer.args.padding_free and not trainer.padding_free

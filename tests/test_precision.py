@@ -24,11 +24,14 @@ from quantization_utils import (
     FP16_WARNING,
     device_precision,
     for_training,
+    keep_norms_in_float32,
     merge_dtype,
     mixed_precision,
     training_compute_dtype,
 )
-from trainer_utils import TrainingConfig, build_trainer, keep_norms_in_float32, nonfinite_loss_message
+from train_callbacks import nonfinite_loss_message
+from train_settings import TrainingConfig
+from trainer_setup import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = [("Is water wet?", "Yes."), ("Do cats purr?", "Yes, they do."), ("Is the sky green?", "No, blue.")]

@@ -15,7 +15,8 @@ import train
 from config import ModelArguments, QuantizationArguments
 from data_utils import SAMPLE, load_conversations
 from model_utils import load_model
-from trainer_utils import build_trainer, global_batch_message, parse_train_args
+from train_settings import parse_train_args
+from trainer_setup import build_trainer, global_batch_message
 from training_examples import to_training_records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +103,7 @@ def test_orpo_trains_on_the_template_tokens(tiny_phi, tokenizer, tmp_path):
 
 
 def test_orpo_lives_in_trl_experimental():
-    """TRL 1.16 has no ORPO in its stable API; when it moves, this test and trainer_utils.method_trainer change."""
+    """TRL 1.16 has no ORPO in its stable API; when it moves, this test and trainer_setup.method_trainer change."""
     import trl
 
     assert not hasattr(trl, "ORPOTrainer")

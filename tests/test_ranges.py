@@ -1,7 +1,7 @@
 """Every numeric setting has a range, checked before anything loads or is written.
 
 One table: for each numeric field of every settings class (config.py's dataclasses, inference.py's and app.py's
-arguments, and the fields trainer_utils.TrainingConfig declares, with a few SFTConfig fields users commonly set), a
+arguments, and the fields train_settings.TrainingConfig declares, with a few SFTConfig fields users commonly set), a
 value outside its range, given to the entry point that reads it, must end in one line, exit code 2, and an unchanged
 working folder. A numeric field added without a row here fails test_the_table_covers_every_numeric_setting.
 """
@@ -16,7 +16,7 @@ import app
 import config
 import inference
 import train
-from trainer_utils import TrainingConfig, parse_train_args
+from train_settings import TrainingConfig, parse_train_args
 
 # SFTConfig fields that TrainingConfig does not redeclare but that users commonly set, checked with ours.
 COMMON_TRAINING_FIELDS = {"num_train_epochs", "per_device_eval_batch_size", "eval_steps", "seed"}

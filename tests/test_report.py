@@ -203,7 +203,7 @@ def test_training_lets_go_of_its_model_and_optimizer_before_the_report_loads_its
 
     import adapter_utils
     import train
-    import trainer_utils
+    import trainer_setup
 
     conversations = [
         {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
@@ -225,8 +225,8 @@ def test_training_lets_go_of_its_model_and_optimizer_before_the_report_loads_its
         training.setdefault("alive when the report loads", alive)  # the first load is the one that matters
         return load_chat_model.real(*args, **kwargs)
 
-    build_trainer.real, load_chat_model.real = trainer_utils.build_trainer, adapter_utils.load_chat_model
-    monkeypatch.setattr(trainer_utils, "build_trainer", build_trainer)
+    build_trainer.real, load_chat_model.real = trainer_setup.build_trainer, adapter_utils.load_chat_model
+    monkeypatch.setattr(trainer_setup, "build_trainer", build_trainer)
     monkeypatch.setattr(adapter_utils, "load_chat_model", load_chat_model)
     args = ["--model", str(tiny_phi), "--dataset", str(data), "--eval_dataset", str(data), "--max_steps", "1"]
     args += ["--lora_r", "4", "--report_to", "none", "--report_prompts", "2", "--report_max_new_tokens", "4"]

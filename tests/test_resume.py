@@ -188,7 +188,7 @@ def test_a_second_signal_aborts_at_once():
 
     from transformers import TrainerControl
 
-    from trainer_utils import StopOnSignal
+    from train_callbacks import StopOnSignal
 
     stop, control, args = StopOnSignal(), TrainerControl(), SimpleNamespace(world_size=1)
     stop.on_step_end(args, None, control)

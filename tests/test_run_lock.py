@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import train
-import trainer_utils  # noqa: F401  (TRL loaded before the refusal is timed: what it costs is parsing and the lock)
+import train_settings  # noqa: F401  (TRL loaded before the refusal is timed: what it costs is parsing and the lock)
 from checkpoint_utils import is_complete_checkpoint
 from run_lock import LOCK_FILE, output_dir_lock
 

@@ -10,7 +10,8 @@ from chat_template import CHAT_TEMPLATE, PORTABLE_CHAT_TEMPLATE, format_text, po
 from config import LoraArguments, ModelArguments, QuantizationArguments
 from data_utils import SAMPLE, Conversations, load_conversations
 from model_utils import load_model
-from trainer_utils import TrainingConfig, build_trainer
+from train_settings import TrainingConfig
+from trainer_setup import build_trainer
 from training_examples import to_training_records
 
 EOS = "<|endoftext|>"

@@ -14,7 +14,7 @@ import yaml
 import train
 from chat_template import CHAT_TEMPLATE, PORTABLE_CHAT_TEMPLATE
 from model_utils import load_tokenizer
-from trainer_utils import parse_train_args
+from train_settings import parse_train_args
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = [
