@@ -67,7 +67,7 @@ def main() -> None:
         "Answer a held-out question with the tuned adapter",
         [python, "inference.py", question, "--adapter", str(OUTPUT)],
     )
-    from report import summary
+    from model_card import summary
 
     print(
         f"\n== Done in {sum(timings.values()):.0f} s ("
@@ -88,7 +88,7 @@ def preference() -> None:
     command += ["--output_dir", str(PREFERENCE_OUTPUT)]
     command += replaces_an_earlier_demo(PREFERENCE_CONFIG, PREFERENCE_OUTPUT)
     seconds = run("Preference-tune with DPO from the SFT adapter on CPU, then the base / SFT / DPO report", command)
-    from report import summary
+    from model_card import summary
 
     report = json.loads((PREFERENCE_OUTPUT / "eval.json").read_text())
     print(f"\n== Done in {seconds:.0f} s\n{summary(report)}\nreport: {PREFERENCE_OUTPUT / 'README.md'}")

@@ -7,14 +7,21 @@ import threading
 
 import torch
 from tqdm.auto import tqdm
-from transformers import LogitsProcessorList, PreTrainedTokenizerBase, RepetitionPenaltyLogitsProcessor
+from transformers import (
+    GenerationConfig,
+    LogitsProcessorList,
+    PreTrainedTokenizerBase,
+    RepetitionPenaltyLogitsProcessor,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+    TextStreamer,
+)
 
-from config import GenerationArguments
+from config import GenerationArguments, ReportArguments
 
 
 def reply_streamer(tokenizer, **kwargs):
     """A TextStreamer that prints only the reply, without the space the template puts after '### Assistant:'."""
-    from transformers import TextStreamer
 
     class ReplyStreamer(TextStreamer):
         started = False
@@ -40,6 +47,18 @@ def row_repetition_penalty(penalties: list[float], device) -> RepetitionPenaltyL
     processor = RepetitionPenaltyLogitsProcessor(1.0)
     processor.penalty = torch.tensor(penalties, dtype=torch.float32, device=device)[:, None]
     return processor
+
+
+def documented_decoding(tokenizer, report_args: ReportArguments) -> GenerationConfig:
+    """The decoding settings a report measured its clean stops with, as the adapter's own GenerationConfig (greedy,
+    the report's repetition penalty and budget), which inference.py, app.py and the merged model start from."""
+    return GenerationConfig(
+        do_sample=False,
+        max_new_tokens=report_args.report_max_new_tokens,
+        repetition_penalty=report_args.report_repetition_penalty,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
 
 class Reply(str):
@@ -197,8 +216,6 @@ def stream_reply(model, tokenizer, messages: list[dict], gen_args: GenerationArg
     The streamer waits at most `timeout` seconds for each piece, so a generation that dies or stalls raises instead
     of hanging its caller; an error in the generation thread is raised here. Closing this generator (a page's stop
     button) stops the generation at the next token, so the model is free again at once."""
-    from transformers import StoppingCriteriaList, TextIteratorStreamer
-
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=timeout)
     stop = threading.Event()
     failure: list[BaseException] = []

@@ -14,7 +14,7 @@ weights dequantized once.
 Batched: the report's clean-stop rows (each question x base and tuned x the run's repetition penalty and plain
 greedy), up to --max_new_tokens each:
 - plain: one generate() call with each row's adapter and penalty, as the report ran before;
-- ours: `report.generate_replies` (the report's path).
+- ours: `scoring.clean_stop_replies` (the report's path).
 The batched figure is row-tokens/s: the tokens of every reply up to its end, over the seconds of the whole call.
 Replies are compared token for token; --loss also scores the held-out loss both ways.
 Prints a table and writes JSON (--json).
@@ -110,7 +110,7 @@ def single_stream(name: str, model, tokenizer, messages: list[dict], tokens: int
 
 
 def report_rows(prompts: list, penalty: float) -> tuple[list, list[str], list[float]]:
-    """The rows of the report's clean-stop call: every question for each decoding, then side (report.clean_stops)."""
+    """The rows of the report's clean-stop call: every question for each decoding, then side (scoring.clean_stops)."""
     decodings = [penalty, 1.0] if penalty != 1.0 else [penalty]
     rows = [(p, side, d) for d in decodings for side in ("__base__", "default") for p in prompts]
     return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
@@ -169,7 +169,8 @@ def profile_decode(model, tokenizer, messages, tokens: int, reply) -> str:
 def held_out_loss(model, tokenizer, run: dict) -> tuple[float, int]:
     from config import DataArguments
     from data_utils import load_train_and_eval
-    from report import assistant_token_loss, settings
+    from report import settings
+    from scoring import assistant_token_loss
 
     _, dev, test = load_train_and_eval(settings(DataArguments, run))
     return assistant_token_loss(model, tokenizer, test or dev, run["max_length"])
@@ -225,10 +226,10 @@ def main(argv=None) -> dict:
             print(f"held-out loss, {name}: {loss:.6f} on {count} tokens ({seconds:.1f} s)")
         if prompts:
             if ours:
-                from report import generate_replies
+                from scoring import clean_stop_replies
 
                 rows, seconds = timed(
-                    generate_replies, model, tokenizer, prompts, max_new_tokens, adapter_names=adapters,
+                    clean_stop_replies, model, tokenizer, prompts, max_new_tokens, adapter_names=adapters,
                     repetition_penalties=penalties,
                 )  # fmt: skip
             else:

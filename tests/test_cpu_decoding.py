@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-import report
+import scoring
 from adapter_utils import load_chat_model
 from config import GenerationArguments, QuantizationArguments
 from generation_utils import DECODE_CHUNK_TOKENS, generate_replies
@@ -33,12 +33,12 @@ def test_dequantized_weights_decode_and_score_what_the_4bit_layers_do(tiny_cpu_r
     ]
     greedy = GenerationArguments(max_new_tokens=2 * DECODE_CHUNK_TOKENS, temperature=0)
     for side in ("__base__", "default"):  # the adapter still switches off and on
-        with report.running(four_bit, side), report.running(dequantized, side), torch.inference_mode():
+        with scoring.running(four_bit, side), scoring.running(dequantized, side), torch.inference_mode():
             assert torch.equal(four_bit(ids).logits, dequantized(ids).logits)
             replies = generate_replies(four_bit, tokenizer, prompts, greedy)
             assert generate_replies(dequantized, tokenizer, prompts, greedy) == replies
     tuned = [r["reply"] for r in replies]
-    with report.running(dequantized, "__base__"):
+    with scoring.running(dequantized, "__base__"):
         assert [r["reply"] for r in generate_replies(dequantized, tokenizer, prompts, greedy)] != tuned
 
 

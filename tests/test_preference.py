@@ -135,7 +135,7 @@ def test_dpo_reference_is_the_sft_adapter(dpo_run, sft_adapter):
 def test_sft_adapter_moved_the_log_probs(tiny_phi, sft_adapter):
     """The premise of the test above: the SFT adapter scores the replies nats away from the base."""
     from adapter_utils import load_chat_model
-    from report import reply_log_probs
+    from scoring import reply_log_probs
 
     pairs = load_conversations(str(SAMPLE), policy="best_vs_rest")
     pairs.examples = pairs.examples[:4]
@@ -153,8 +153,10 @@ def test_a_dpo_report_scores_base_sft_and_dpo_and_the_reward_against_the_sft_ada
     import yaml
 
     import report
+    import scoring
     from adapter_utils import load_chat_model
     from config import DataArguments
+    from model_card import summary
 
     _, out, _ = dpo_run
     folder = tmp_path / "model"  # a copy: the report writes its files beside the adapter other tests read
@@ -166,16 +168,16 @@ def test_a_dpo_report_scores_base_sft_and_dpo_and_the_reward_against_the_sft_ada
     run = yaml.safe_load((folder / "run_config.yaml").read_text())
     pairs = report.held_out_pairs(report.settings(DataArguments, run), result["heldout_part"])
     model, tokenizer = load_chat_model(folder)
-    tuned = report.reply_log_probs(model, tokenizer, pairs, run["max_length"])
+    tuned = scoring.reply_log_probs(model, tokenizer, pairs, run["max_length"])
     model.load_adapter(str(sft_adapter), adapter_name="sft")
     model.set_adapter("sft")
-    start = report.reply_log_probs(model, tokenizer, pairs, run["max_length"])
+    start = scoring.reply_log_probs(model, tokenizer, pairs, run["max_length"])
     raised = [t[0] - s[0] > t[2] - s[2] for t, s in zip(tuned, start, strict=True) if t[1] and t[3]]
     assert len(raised) == preference["tuned"]["pairs_scored"] > 0
     assert preference["tuned"]["reward_accuracy"] == pytest.approx(sum(raised) / len(raised))
     accuracy = f"{preference['tuned']['reward_accuracy']:.1%}"
     assert f"(against the sft model) | | {accuracy} |" in (folder / "README.md").read_text()
-    assert f"reward accuracy (tuned against sft) {accuracy}" in report.summary(result)
+    assert f"reward accuracy (tuned against sft) {accuracy}" in summary(result)
 
 
 def test_dpo_resumes_to_the_same_adapter(dpo_run, tmp_path):
