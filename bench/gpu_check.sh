@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check (BENCHMARKS.md, "Phi-2 on a GPU"): the one command to run on the GPU machine.
 #   make gpu-wheels                       # first, here: the wheels and tokenizer that machine lacks, into .whl/
-#   bash bench/gpu_check.sh               # there (the device call carries .whl): install them, then every step
+#   bash bench/gpu_check.sh               # there, with .whl/ copied along: install them, then every step
 #   bash bench/gpu_check.sh --rehearsal   # anywhere: every step at tiny size on CPU, nothing installed
-# Figures, logs and this script's whole output (gpu_check.log) go to $OUT (set by the device tool), else to
+# Figures, logs and this script's whole output (gpu_check.log) go to $OUT when it is set, else to
 # artifacts/gpu_check. PYTHON picks the interpreter (default python3: on the GPU machine, the one with torch).
 # Other arguments go to bench/gpu_check.py (--help lists them).
 set -uo pipefail
@@ -15,10 +15,10 @@ export PYTHONUNBUFFERED=1
 {
     if [[ " $* " != *" --rehearsal "* ]]; then
         if ! compgen -G ".whl/*.whl" >/dev/null; then
-            echo "error: no wheels in .whl/: run make gpu-wheels here first, and carry .whl with the device call."
+            echo "error: no wheels in .whl/: run make gpu-wheels on a machine with network first, and copy .whl/ here."
             exit 2
         fi
-        # The device README's install: the carried wheels go first on the path, before the image's own versions.
+        # The carried wheels go first on the path, before the versions the machine has installed.
         "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
             .whl/*.whl || exit 2
         export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"

@@ -195,7 +195,7 @@ def run_variant(args) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="Phi-2's architecture at a tiny size (CPU smoke test).")
     parser.add_argument("--steps", type=int, default=20, help="Timed optimizer steps (one micro-batch each).")
@@ -230,6 +230,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--json", default="bench/results/gpu_phi2.json", help="Where to write the figures.")
     bench.add_variant_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argument_parser()
     args = parser.parse_args(argv)
     if args.warmup < 1:
         parser.error("--warmup must be at least 1 (the clock starts at the end of a step)")

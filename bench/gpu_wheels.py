@@ -1,21 +1,21 @@
-"""Fetch what the GPU check needs on the device machine into .whl/, and check that it can travel there.
+"""Fetch what the GPU check needs on an offline GPU machine into .whl/, and check that it can travel there.
 
     make gpu-wheels                      # = .venv/bin/python bench/gpu_wheels.py
 
-The device machine (an H200, no network; see BENCHMARKS.md, "Phi-2 on a GPU") has Python 3.12 with torch 2.11,
+The GPU machine this was prepared for (an H200 without network) has Python 3.12 with torch 2.11,
 accelerate, tokenizers, safetensors, huggingface_hub, pyarrow, pandas, tensorboard and matplotlib, but not this
 project's training stack: WHEELS below is what it lacks, holds in a version outside requirements.txt, or may hold too
-old for what the carried wheels import at start-up. They are downloaded with the device README's `pip download`
-form (manylinux x86-64, CPython 3.12, no dependencies: each one the stack needs is named here). Each carried wheel's
+old for what the carried wheels import at start-up. They are downloaded with `pip download` for that platform
+(manylinux x86-64, CPython 3.12, no dependencies: each one the stack needs is named here). Each carried wheel's
 own requirements (its METADATA's Requires-Dist) are then checked against the carried versions and the image's
 recorded ones (IMAGE_VERSIONS): a conflict fails, and the needs on packages whose version on the image is not
 recorded are listed. The tokenizer that bench/gpu_phi2.py builds its random Phi-2 with (SmolLM2's,
 a stand-in for Phi-2's 50k-token BPE) travels too, gzipped; it is fetched with `demo_model.py` when cache/ lacks it.
 
-Everything that travels to the device (tracked and untracked-not-ignored files, shared/ when the checkout has one,
-and the carried .whl/) must stay within 64 MiB: the script prints the sizes and fails when the total is over.
-.whl/source.json records the commit the wheels were fetched at: the device copy has no .git, so the check reports
-that commit (run `make gpu-wheels` right before the device call).
+Everything copied to the GPU machine (tracked and untracked-not-ignored files, shared/ when the checkout has one,
+and the carried .whl/) must stay within 64 MiB, the copy this check was prepared for: the script prints the sizes and
+fails when the total is over. .whl/source.json records the commit the wheels were fetched at: a copy without .git
+reports that commit (run `make gpu-wheels` right before copying).
 """
 
 import datetime
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WHEEL_DIR = ROOT / ".whl"
 TOKENIZER_DIR = WHEEL_DIR / "tokenizer"
 SMOLLM2 = ROOT / "cache" / "smollm2" / "SmolLM2-135M-Instruct"
-LIMIT = 64 * 2**20  # the device tool's limit on everything that travels with a call
+LIMIT = 64 * 2**20  # everything copied to the GPU machine, at most
 
 # name: version, and why it travels. The training stack's versions are requirements.txt's lower bounds (the tested
 # ones; a test checks that each is inside its range), the others' the versions tested with them.
@@ -72,13 +72,13 @@ IMAGE_VERSIONS = {
     "triton": "3.6.0",
 }
 # Where the carried wheels' markers are evaluated: the GPU machine's Python.
-DEVICE_PYTHON = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux"}
-DEVICE_PYTHON |= {"platform_system": "Linux", "platform_machine": "x86_64", "implementation_name": "cpython"}
+TARGET_PYTHON = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux"}
+TARGET_PYTHON |= {"platform_system": "Linux", "platform_machine": "x86_64", "implementation_name": "cpython"}
 # Not carried: pyarrow (datasets 5.2 asks for >=24; its wheel is about 40 MB, more than can travel), and the needs
 # with old lower bounds on packages the image holds (tqdm, pyyaml, pandas, psutil, jinja2, filelock, packaging, ...):
 # make gpu-wheels lists them, and the check's environment step warns about every one outside its range.
-# The device README's command. manylinux_2_24 is added: bitsandbytes' wheels carry that tag only (pip matches the
-# glibc version exactly).
+# pip's download for the GPU machine's platform. manylinux_2_24 is added: bitsandbytes' wheels carry that tag only
+# (pip matches the glibc version exactly).
 PLATFORMS = ["manylinux_2_28", "manylinux_2_27", "manylinux_2_24", "manylinux_2_17", "manylinux2014", "manylinux1"]
 PIP_DOWNLOAD = [
     *("-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12", "--implementation"),
@@ -117,7 +117,7 @@ def wheel_needs(path: Path) -> list[Requirement]:
         metadata = next(name for name in wheel.namelist() if name.endswith(".dist-info/METADATA"))
         lines = wheel.read(metadata).decode("utf-8").splitlines()
     needs = [Requirement(line.split(":", 1)[1].strip()) for line in lines if line.startswith("Requires-Dist:")]
-    return [need for need in needs if need.marker is None or need.marker.evaluate({**DEVICE_PYTHON, "extra": ""})]
+    return [need for need in needs if need.marker is None or need.marker.evaluate({**TARGET_PYTHON, "extra": ""})]
 
 
 def check_needs(wheels: list[Path]) -> tuple[list[str], list[str]]:
@@ -170,7 +170,7 @@ def record_source() -> dict:
 
 
 def travelling_bytes(root: Path = ROOT, carried: tuple[str, ...] = (".whl",)) -> dict[str, int]:
-    """Bytes that travel with a device call: the working tree as git sees it (tracked and untracked-not-ignored
+    """Bytes that travel to the GPU machine: the working tree as git sees it (tracked and untracked-not-ignored
     files), shared/ when the checkout has one, and each carried path."""
     listed = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
@@ -200,13 +200,13 @@ def main() -> None:
     sizes = travelling_bytes()
     total = sum(sizes.values())
     print(
-        f"travels with a device call: {total / 2**20:.1f} MiB of {LIMIT / 2**20:.0f} MiB ("
+        f"travels to the GPU machine: {total / 2**20:.1f} MiB of {LIMIT / 2**20:.0f} MiB ("
         + ", ".join(f"{name} {size / 2**20:.1f} MiB" for name, size in sizes.items())
         + f"); commit {source['commit'][:12]}{' with uncommitted changes' if source['dirty'] else ''}"
     )
     if total > LIMIT:
         sys.exit(
-            f"error: {total / 2**20:.1f} MiB would travel, over the device's 64 MiB: remove or ignore large files "
+            f"error: {total / 2**20:.1f} MiB would travel, over {LIMIT / 2**20:.0f} MiB: remove or ignore large files "
             "in the working tree (git ls-files --others --exclude-standard lists the untracked ones)."
         )
 

@@ -126,7 +126,7 @@ def run_variant(args) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="Model folder (default: a tiny random Phi built on the fly).")
     parser.add_argument("--hidden_size", type=int, default=128, help="Width of the default tiny model.")
@@ -156,6 +156,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--attn_implementation", default="sdpa")
     parser.add_argument("--json", default="bench/results/train_throughput.json", help="Where to write the figures.")
     bench.add_variant_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argument_parser()
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
