@@ -50,7 +50,7 @@ chromium:
 		fi; \
 	fi
 
-# The GPU check (BENCHMARKS.md, "Phi-2 on a GPU"). gpu-wheels, here: the wheels and tokenizer the GPU machine lacks,
+# The GPU check (bench/gpu_check.py lists its steps). gpu-wheels, here: the wheels and tokenizer the GPU machine lacks,
 # into .whl/ (fails if what travels would pass 64 MiB). gpu-check, on that machine (no venv, no network there).
 # gpu-rehearsal: the same steps at tiny size on CPU.
 gpu-wheels: install

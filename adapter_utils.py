@@ -6,6 +6,11 @@ import json
 import logging
 from pathlib import Path
 
+import torch
+from safetensors import SafetensorError
+from transformers import GenerationConfig
+from transformers.pytorch_utils import Conv1D
+
 from checkpoint_utils import ADAPTER_CONFIG, ADAPTER_FILE, latest_checkpoint
 from config import (
     GENERATION_CONFIG,
@@ -19,6 +24,9 @@ from model_utils import ModelError, check_safetensors, first_line, load_model, l
 from quantization_utils import dequantize_on_cpu
 
 logger = logging.getLogger(__name__)
+
+# peft is imported in the functions that use it: importing peft imports bitsandbytes, which logs a known line at
+# import (cli_utils.QUIET_LOG_MESSAGES) that an entry point can filter only once it has set up logging.
 
 
 def lora_target_modules(spec: str, model_type: str) -> list[str] | str:
@@ -137,7 +145,6 @@ def load_adapter(model, adapter_dir: Path, base: str, float32_adapter: bool = Fa
     which generation gains nothing from; merging asks for it (`float32_adapter`) to fold exactly, and so does training
     on (`trainable`: train.py --init_adapter)."""
     from peft import PeftModel
-    from safetensors import SafetensorError
 
     try:
         return PeftModel.from_pretrained(
@@ -180,9 +187,6 @@ def drop_reference_adapter(trainer) -> None:
 def check_lora_targets(lora_config, model) -> None:
     """Every name in --lora_target_modules is a layer of this model that LoRA can adapt. peft itself fails only when
     no name matches, and silently skips the others: a typo would train fewer layers than asked."""
-    import torch
-    from transformers.pytorch_utils import Conv1D
-
     if isinstance(lora_config.target_modules, str):  # all-linear, or a regular expression peft matches itself
         return
     adaptable = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, Conv1D)
@@ -208,7 +212,7 @@ def check_lora_targets(lora_config, model) -> None:
 
 def merge_adapter(adapter: str | Path, out_dir: str | Path, base: str | None = None, dtype: str = "bfloat16") -> Path:
     """Write base + adapter as one plain model (merged weights, safetensors) with the tokenizer and the portable
-    chat template, ready for serving engines (README, "Serve and share").
+    chat template, ready for serving engines.
 
     The base is loaded unquantized in `dtype`: LoRA's update cannot be folded exactly into 4-bit weights, so the
     merged model is the 16-bit base plus the adapter (what the adapter computes on a 16-bit base)."""
@@ -218,8 +222,6 @@ def merge_adapter(adapter: str | Path, out_dir: str | Path, base: str | None = N
     merged = model.merge_and_unload()
     documented = Path(adapter) / GENERATION_CONFIG  # the decoding settings the adapter's report measured
     if documented.is_file():
-        from transformers import GenerationConfig
-
         merged.generation_config = GenerationConfig.from_pretrained(adapter)
     # generate() on the merged folder stops at the template's end of turn, and batches pad with the same id.
     merged.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -29,6 +29,9 @@ from config import ChatModelArguments, GenerationArguments, QuantizationArgument
 
 logger = logging.getLogger(__name__)
 
+# gradio, torch, transformers and this kit's modules that load them are imported inside the functions that use them,
+# once the arguments are parsed and the address is checked: --help and a mistake in the flags answer at once.
+
 AUTH_VARIABLE = "QLORA_CHAT_AUTH"
 EXAMPLES = [
     "What is a good way to learn Python?",
@@ -120,15 +123,21 @@ def to_messages(history: list[dict]) -> list[dict]:
     ]
 
 
-def build_ui(model, tokenizer, settings: PageSettings):
-    """The page: a Chat tab and, when the model has an adapter, a Compare tab. Launch it with .queue().launch()."""
+def shown(messages: list[dict]) -> list[dict]:
+    """Chatbot values with each text as a text part: Gradio re-indents plain strings (inspect.cleandoc), and what is
+    shown is what the model is given back as history on the next turn."""
+    return [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in messages]
+
+
+def page_handlers(model, tokenizer, settings: PageSettings):
+    """The page's two event handlers, (chat, compare): each streams its replies, one generation at a time per slot,
+    and turns a message that cannot be answered into the page's error message."""
     import gradio as gr
 
     from generation_utils import history_that_fits, prompt_length, stream_reply
 
     slots = GenerationSlots(settings.concurrency)
     gen = settings.generation
-    max_reply = max(16, settings.context_length // 2)
 
     def stream(messages: list[dict], temperature: float, top_p: float, max_new_tokens: int, base: bool = False):
         """Yield the reply as it grows; the oldest turns are left out when the conversation outgrows the context.
@@ -170,11 +179,6 @@ def build_ui(model, tokenizer, settings: PageSettings):
         if not (yield from stream(messages, temperature, top_p, max_new_tokens)):
             gr.Warning(cut_at_limit(max_new_tokens))
 
-    def shown(messages: list[dict]) -> list[dict]:
-        """Chatbot values with each text as a text part: Gradio re-indents plain strings (inspect.cleandoc), and
-        what is shown is what the model is given back as history on the next turn."""
-        return [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in messages]
-
     def compare(message, base_history, tuned_history, temperature, top_p, max_new_tokens):
         user = {"role": "user", "content": check_length(message)}
         base_history, tuned_history = [*to_messages(base_history), user], [*to_messages(tuned_history), user]
@@ -196,6 +200,16 @@ def build_ui(model, tokenizer, settings: PageSettings):
         )
         yield "", shown(base_history), shown(tuned_history), status
 
+    return chat, compare
+
+
+def build_ui(model, tokenizer, settings: PageSettings):
+    """The page: a Chat tab and, when the model has an adapter, a Compare tab. Launch it with .queue().launch()."""
+    import gradio as gr
+
+    chat, compare = page_handlers(model, tokenizer, settings)
+    gen = settings.generation
+    max_reply = max(16, settings.context_length // 2)
     with gr.Blocks(title="QLoRA chat", analytics_enabled=False, fill_height=True) as page:
         gr.Markdown(f"### {settings.title}")
         origin = (

@@ -19,9 +19,13 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+import torch
 import yaml
+from safetensors import SafetensorError, safe_open
+from transformers.trainer_pt_utils import safe_globals  # the numpy types of the RNG state, as the Trainer allows
 
 from config import UserError
+from quantization_utils import fsdp_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -129,8 +133,6 @@ def damage(path: Path) -> tuple[Path, str] | None:
     """The first file of a checkpoint that --resume would fail to load, and why; None when each one reads back: the
     JSON files parse, the adapter's safetensors header and size agree, each pickled file is a whole zip archive
     whose members pass their checksums and loads as the Trainer loads it, and an FSDP shard folder has its index."""
-    from safetensors import SafetensorError, safe_open
-
     for name in (ADAPTER_CONFIG, TRAINER_STATE):
         try:
             if not isinstance(json.loads((path / name).read_text(encoding="utf-8")), dict):
@@ -156,9 +158,6 @@ def torch_file_damage(file: Path) -> str | None:
     has no central directory (torch's own error is then "[Errno 22] Invalid argument"), and every member has a
     checksum. Then it is loaded as the Trainer loads it (weights only, memory-mapped: a large optimizer state costs
     little)."""
-    import torch
-    from transformers.trainer_pt_utils import safe_globals  # the numpy types of the RNG state, as the Trainer allows
-
     try:
         with zipfile.ZipFile(file) as archive:
             broken = archive.testzip()
@@ -183,8 +182,6 @@ def first_sentence(error: Exception) -> str:
 def resume_checkpoint(output_dir: str | Path) -> Path:
     """The checkpoint --resume continues from: the newest finished save, if it is complete, in the layout of this
     launch, and every file of it reads back; else one line that says why and what to do. Nothing is deleted."""
-    from quantization_utils import fsdp_enabled
-
     saved = [checkpoint for checkpoint in checkpoints(output_dir) if is_saved_checkpoint(checkpoint)]
     if not saved:
         raise CheckpointError(f"--resume: no complete checkpoint in {output_dir}; run without --resume to start.")

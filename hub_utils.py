@@ -10,7 +10,12 @@ import logging
 import shlex
 from pathlib import Path
 
+from huggingface_hub import HfApi, constants, get_token
+from huggingface_hub.utils import HFValidationError, httpx, validate_repo_id
+
+from cli_utils import fail
 from config import ConfigError
+from model_utils import first_line
 from run_lock import LOCK_FILE
 
 logger = logging.getLogger(__name__)
@@ -33,13 +38,10 @@ def upload_command(args) -> str:
 
 def check_push_settings(args, final_report: bool) -> None:
     """Before anything loads, what would make the upload after training fail for certain."""
-    from huggingface_hub import constants, get_token
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     if not final_report:
         raise ConfigError(
             "--push_to_hub uploads the folder after the report: drop --final_report false, or run report.py later "
-            "and upload with `hf upload` (README, 'Share on the Hub')."
+            "and upload with `hf upload`."
         )
     try:
         validate_repo_id(repo_name(args))
@@ -58,12 +60,6 @@ def push_run(args, reported: bool) -> str | None:
     """Upload the output folder to the Hub repository in one commit and return its URL; a network or Hub failure
     ends in one line (exit code 1) that says how to upload it later. A run without a report (FSDP, no held-out data)
     is not uploaded: its card would have no figures."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.utils import httpx
-
-    from cli_utils import fail
-    from model_utils import first_line
-
     if not reported:
         logger.warning("No report, so no upload: run report.py, then `%s`.", upload_command(args))
         return None

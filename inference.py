@@ -15,8 +15,8 @@ Batch input: one JSON object per line, {"prompt": "..."} or {"messages": [{"role
 each output line is the input object with "reply" (and "stopped": false when the reply hit --max-new-tokens) added.
 
 --merge-to writes the base in 16 bits with the adapter folded in, plus the tokenizer and the portable chat template:
-plain `AutoModelForCausalLM.from_pretrained(DIR)` loads it, and `transformers serve DIR` serves it OpenAI-style
-(README, "Serve and share"). A 4-bit base cannot hold the merged weights exactly, so the base is reloaded unquantized.
+plain `AutoModelForCausalLM.from_pretrained(DIR)` loads it, and `transformers serve DIR` serves it OpenAI-style.
+A 4-bit base cannot hold the merged weights exactly, so the base is reloaded unquantized.
 """
 
 import json
@@ -28,6 +28,9 @@ from typing import Literal
 
 from cli_utils import argument_parser, fail, quiet_known_noise, use_model_decoding_defaults
 from config import ChatModelArguments, GenerationArguments, QuantizationArguments, UserError, require
+
+# torch, transformers and this kit's modules that load them are imported inside the functions that use them, once the
+# arguments are parsed: --help and a mistake in the flags answer at once.
 
 EXIT_COMMANDS = ("/exit", "/quit")
 
@@ -96,7 +99,6 @@ def parse_args(args: list[str] | None):
 
 
 def main(args: list[str] | None = None):
-    # Arguments are parsed before torch and transformers are imported, so --help and mistakes answer at once.
     model_args, inference_args, gen_args, quant_args, prompt = parse_args(args)
     if inference_args.merge_to:
         return merge(model_args, inference_args)
@@ -140,7 +142,7 @@ def chat(model, tokenizer, gen_args: GenerationArguments, max_input: int) -> lis
     from generation_utils import generate_reply, history_that_fits, prompt_length, reply_streamer
 
     try:
-        import readline  # noqa: F401  (line editing and history for input() in a terminal)
+        import readline  # noqa: F401  (line editing and history for input() in a terminal; not on every platform)
     except ImportError:
         pass
     interactive = sys.stdin.isatty()

@@ -13,7 +13,6 @@ from matplotlib.figure import Figure
 
 from data_utils import HUB_DATASET
 from model_utils import hub_unreachable, looks_like_path
-from trainer_setup import global_batch
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +190,10 @@ def base_model_card(name_or_path: str):
 
 def card_global_batch(run: dict, train_metrics: dict) -> str:
     """The run's global batch (trainer_setup.global_batch), from its settings and the Trainer's own count."""
+    # Imported here, when a card is written: trainer_setup loads TRL, peft and bitsandbytes, whose import logs a known
+    # line (cli_utils.QUIET_LOG_MESSAGES) before `python report.py` or demo.py has set up the logging that filters it.
+    from trainer_setup import global_batch
+
     processes = train_metrics.get("processes", 1)
     micro_batch, accumulation = run["per_device_train_batch_size"], run["gradient_accumulation_steps"]
     total = train_metrics.get("global_batch_size", micro_batch * accumulation * processes)

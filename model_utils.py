@@ -11,11 +11,16 @@ import platform
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from huggingface_hub import constants, try_to_load_from_cache
+from huggingface_hub.utils import get_session
+from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from chat_template import CHAT_TEMPLATE, PORTABLE_CHAT_TEMPLATE
 from config import ModelArguments, QuantizationArguments, UserError
 from quantization_utils import build_bnb_config, compute_dtype, fsdp_enabled, quant_storage_dtype, this_device
+from workarounds import skip_cpu_repack_where_it_fails
 
 logger = logging.getLogger(__name__)
 
@@ -116,8 +121,6 @@ def load_model(
     except ValueError as e:  # a config.json naming an architecture transformers does not know, or without model_type
         raise ModelError(f"cannot load a model from {name}: {first_line(e)}") from None
     if quant_args.load_in_4bit:
-        from workarounds import skip_cpu_repack_where_it_fails
-
         skip_cpu_repack_where_it_fails(model)
     return model
 
@@ -146,8 +149,6 @@ def first_line(error: Exception) -> str:
 def check_safetensors(path: Path, remedy: str) -> None:
     """A safetensors file whose header reads and whose data has every byte the header announces (safetensors checks
     both when it opens the file, without reading the tensors): a download or copy cut short fails here, at once."""
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(path, framework="pt"):
             pass
@@ -197,9 +198,6 @@ def hub_unreachable(name_or_path: str, revision: str | None = None) -> bool:
     """For a Hub id: whether to load from the local cache only, because the Hub does not answer. Without a network
     huggingface_hub retries each file for about 45 s before it fails; one probe settles it at once. An id that is not
     in the cache then fails with the one-line 'cannot download' error."""
-    from huggingface_hub import constants, try_to_load_from_cache
-    from huggingface_hub.utils import get_session
-
     if looks_like_path(name_or_path) or constants.HF_HUB_OFFLINE:
         return False
     try:
@@ -236,8 +234,6 @@ def device_map() -> dict[str, int | str]:
     accelerate launch that is the local rank modulo the GPUs the process sees, so a launch that shows each process
     only its own GPU (SLURM --gpus-per-task=1: LOCAL_RANK 3, one GPU, cuda:0) works as well as one that shows all."""
     if torch.cuda.is_available():
-        from accelerate import PartialState
-
         device = PartialState().device  # the Trainer's accelerator uses this same (shared) state
         return {"": device.index if device.index is not None else torch.cuda.current_device()}
     return {"": "cpu"}

@@ -227,6 +227,8 @@ def dequantize_decision(setting: str, added: int, available: int, fused_kernel: 
 
 def linear_4bit_layers(model):
     """(parent module, attribute name, layer) of every bitsandbytes 4-bit linear layer, LoRA's base layers included."""
+    # bitsandbytes is imported where a 4-bit model is there to handle: its import logs a known line
+    # (cli_utils.QUIET_LOG_MESSAGES) that an entry point can filter only once it has set up logging.
     from bitsandbytes.nn import Linear4bit
 
     for parent in model.modules():
@@ -243,7 +245,7 @@ def layer_dtype(layer) -> torch.dtype:
 
 def dequantized_linear(layer) -> torch.nn.Linear:
     """A plain linear layer with the 4-bit layer's weight dequantized (as bitsandbytes' own matmul dequantizes it)."""
-    from bitsandbytes.functional import dequantize_4bit
+    from bitsandbytes.functional import dequantize_4bit  # as in linear_4bit_layers
 
     dtype = layer_dtype(layer)
     plain = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")

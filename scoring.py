@@ -249,9 +249,6 @@ def figures(model, tokenizer, held_out: Conversations, report_args, max_length: 
     """Loss and perplexity, with the adapter off (base) and on (tuned); clean-stop rates under plain greedy decoding
     and under the run's documented settings (--report_repetition_penalty). "base" and "tuned" hold the headline
     figures (the documented settings); "greedy" the plain-greedy ones."""
-    from generation_utils import prompt_length
-    from model_utils import context_length
-
     # Each held-out conversation's opening question (with its system message, if any), once per question, where the
     # question and a reply of the full budget fit the model's context.
     room = context_length(model) - report_args.report_max_new_tokens

@@ -13,6 +13,11 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PhiConfig, PhiForCausalLM, PreTrainedTokenizerFast
+
+from chat_template import ASSISTANT, HUMAN
 from data_utils import SAMPLE
 
 EOS = "<|endoftext|>"
@@ -25,13 +30,10 @@ def sample_texts(path: Path = SAMPLE):
             message = stack.pop()
             yield message["text"]
             stack.extend(message.get("replies", []))
-    yield "### Human: ### Assistant:"
+    yield f"{HUMAN} {ASSISTANT}"
 
 
 def build_tokenizer(vocab_size: int = 1024):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -44,9 +46,6 @@ def build_tokenizer(vocab_size: int = 1024):
 
 def build_tiny_phi(out_dir: str | Path, hidden_size: int = 64, layers: int = 2, seed: int = 0) -> Path:
     """Save a random-weight PhiForCausalLM and its tokenizer to out_dir; returns out_dir."""
-    import torch
-    from transformers import PhiConfig, PhiForCausalLM
-
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer()
     config = PhiConfig(

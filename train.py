@@ -4,7 +4,7 @@
     python train.py --config configs/phi2_oasst1.yaml --max_steps 100
     python train.py --config configs/tiny_cpu.yaml           # a small run on CPU, no network
     python train.py --resume                                 # continue from the latest checkpoint in model/
-    torchrun --nproc_per_node 4 train.py                     # 4 GPUs (README: "Multi-GPU and multi-node")
+    torchrun --nproc_per_node 4 train.py                     # 4 GPUs, one process each
     python train.py --method dpo --init_adapter model --policy best_vs_rest --output_dir model-dpo  # preference tuning
     python train.py --help                                   # every setting, with its reason
 
@@ -18,6 +18,7 @@ that resumes. One run at a time per output folder: a second one ends at once, na
 
 import logging
 import sys
+from dataclasses import asdict
 
 from cli_utils import fail, quiet_known_noise
 from config import UserError
@@ -34,15 +35,14 @@ def main(args: list[str] | None = None):
 
 
 def train(args: list[str] | None):
-    # Heavy imports here, so `--help` and argument errors answer at once.
+    # The libraries load inside these functions, once the entry point has set up logging: bitsandbytes logs a known
+    # line when it is imported, which quiet_known_noise filters from then on; and argument errors answer at once.
+    from model_utils import is_main_process
+    from run_lock import output_dir_lock
     from train_settings import parse_train_args
 
     settings = parse_train_args(args)
     *_, training_args = settings
-
-    from model_utils import is_main_process
-    from run_lock import output_dir_lock
-
     # One run per output folder: locked before anything is written there, to the end of the run (run_lock.py tells
     # how); a second run on it ends here.
     with output_dir_lock(training_args.output_dir, take=is_main_process()):
@@ -54,12 +54,12 @@ def train_in_locked_folder(args, model_args, quant_args, lora_args, data_args, r
     from transformers import set_seed
 
     import checkpoint_utils
-    from adapter_utils import build_lora_config, drop_reference_adapter
+    from adapter_utils import build_lora_config
     from data_utils import load_train_and_eval
-    from model_utils import describe_hardware, is_main_process, load_model, load_tokenizer, save_tokenizer
+    from model_utils import is_main_process, load_model, load_tokenizer
     from quantization_utils import dtype_name, for_training
     from train_callbacks import exit_if_stopped, stop_on_signal
-    from trainer_setup import build_trainer, global_batch_message, release_training_state
+    from trainer_setup import build_trainer, global_batch_message
     from training_examples import prepare_examples, to_training_records
 
     if not is_main_process():  # under torchrun/accelerate launch the main process speaks for all
@@ -110,9 +110,34 @@ def train_in_locked_folder(args, model_args, quant_args, lora_args, data_args, r
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     exit_if_stopped(trainer, stop, [sys.argv[0], *(sys.argv[1:] if args is None else args)])
 
-    # 5. Save the adapter, the tokenizer with the portable chat template (over the Trainer's copy, which has the
-    # training one, as checkpoints keep it: they are for --resume), the loss history, and every setting of this run.
-    # Every process calls the Trainer's savers (they write on the main process; FSDP gathers weights from all).
+    # 5. Save the adapter, the tokenizer, the loss history and every setting of this run.
+    settings = (model_args, quant_args, lora_args, data_args, report_args, training_args)
+    save_run(trainer, result, tokenizer, eval_data, settings)
+
+    # 6. Report: base vs tuned on the held-out data -> eval.json, loss.png, README.md (a model card). One process
+    # writes it; the others are done (waiting would only hold their devices).
+    reported = False
+    if report_args.final_report and (eval_data or data_args.test_fraction) and is_main_process():
+        reported = report_run(trainer)
+
+    # 7. Share (--push_to_hub): the finished folder to the Hub after the report, so the card holds its figures.
+    if training_args.push_to_hub and is_main_process():
+        from hub_utils import push_run
+
+        push_run(training_args, reported)
+    return trainer, result
+
+
+def save_run(trainer, result, tokenizer, eval_data, settings) -> None:
+    """The adapter, the tokenizer with the portable chat template (over the Trainer's copy, which has the training
+    one, as checkpoints keep it: they are for --resume), the trainer's state and metrics, and run_config.yaml last.
+    Every process calls the Trainer's savers (they write on the main process; FSDP gathers weights from all)."""
+    import checkpoint_utils
+    from adapter_utils import drop_reference_adapter
+    from model_utils import describe_hardware, is_main_process, save_tokenizer
+
+    training_args = settings[-1]
+    output_dir = training_args.output_dir
     drop_reference_adapter(trainer)  # DPO from --init_adapter: the frozen reference copy is not part of the result
     trainer.save_model(output_dir)
     trainer.save_state()
@@ -126,36 +151,27 @@ def train_in_locked_folder(args, model_args, quant_args, lora_args, data_args, r
     trainer.save_metrics("train", metrics, combined=False)
     if is_main_process():
         save_tokenizer(tokenizer, output_dir)
-        settings = (model_args, quant_args, lora_args, data_args, report_args)
-        checkpoint_utils.write_run_config(output_dir, run_settings(*settings, training_args))
+        checkpoint_utils.write_run_config(output_dir, run_settings(*settings))
         logger.info("Saved the adapter to %s (train loss %.4f).", output_dir, result.training_loss)
     trainer.accelerator.wait_for_everyone()  # every process returns with the output folder complete
 
-    # 6. Report: base vs tuned on the held-out data -> eval.json, loss.png, README.md (a model card). One process
-    # writes it; the others are done (waiting would only hold their devices). It loads the base again with the saved
-    # adapter (the figures are what users get), after training has let go of its model and optimizer.
-    reported = False
-    if report_args.final_report and (eval_data or data_args.test_fraction) and is_main_process():
-        import report
 
-        if trainer.is_fsdp_enabled:  # the report loads the whole base on one device, which FSDP was used to avoid
-            logger.info("FSDP: no report here; run `python report.py --model_dir %s` on one GPU.", output_dir)
-        else:
-            release_training_state(trainer)
-            reported = report.main(["--model_dir", output_dir]) is not None
+def report_run(trainer) -> bool:
+    """The report (report.py) of the run just saved: it loads the base again with the saved adapter (the figures are
+    what users get), after training has let go of its model and optimizer. Whether a report was written."""
+    import report
+    from trainer_setup import release_training_state
 
-    # 7. Share (--push_to_hub): the finished folder to the Hub after the report, so the card holds its figures.
-    if training_args.push_to_hub and is_main_process():
-        from hub_utils import push_run
-
-        push_run(training_args, reported)
-    return trainer, result
+    output_dir = trainer.args.output_dir
+    if trainer.is_fsdp_enabled:  # the report loads the whole base on one device, which FSDP was used to avoid
+        logger.info("FSDP: no report here; run `python report.py --model_dir %s` on one GPU.", output_dir)
+        return False
+    release_training_state(trainer)
+    return report.main(["--model_dir", output_dir]) is not None
 
 
 def run_settings(*settings) -> dict:
     """Every setting of the run as plain values for run_config.yaml; resuming or replacing is a command-line choice."""
-    from dataclasses import asdict
-
     *plain, training_args = settings
     values = {key: value for group in plain for key, value in asdict(group).items()}
     for key, value in training_args.to_dict().items():

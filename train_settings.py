@@ -65,7 +65,7 @@ class TrainingConfig(SFTConfig):
     )
     activation_checkpointing: bool | None = field(
         default=True,
-        metadata={"help": "Recompute activations in the backward pass: far less memory, ~30%% slower."},
+        metadata={"help": "Recompute activations in the backward pass: far less memory, a slower step."},
     )
     gradient_checkpointing: bool | None = field(
         default=None, metadata={"help": "Old name of --activation_checkpointing (transformers 5 renamed it)."}

@@ -1,5 +1,6 @@
 """What the benchmark scripts share: the training data, a token-counting collator, peak memory, the result table."""
 
+import argparse
 import json
 import os
 import resource
@@ -9,7 +10,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from data_utils import SAMPLE  # noqa: E402, F401  (the repo's modules through the path above; SAMPLE for the scripts)
+from data_utils import (  # noqa: E402  (the repo's modules, through the path above)
+    SAMPLE,  # noqa: F401  (the scripts' data)
+    Conversations,
+    load_conversations,
+)
+from training_examples import drop_untrainable_examples, to_training_records  # noqa: E402
 
 SMOLLM2 = ROOT / "cache" / "smollm2" / "SmolLM2-135M-Instruct"  # fetched by `make demo`
 
@@ -18,9 +24,6 @@ def training_records(path: str | Path, policy: str, limit: int = 0, tokenizer=No
     """SFTTrainer rows: the repo's conversations (best / replies), or the original recipe's single-turn pairs (the
     best-ranked reply and the prompt right above it). With a tokenizer, as train.py: without the examples that
     truncation to max_length would leave with nothing to train (so both variants train the same examples)."""
-    from data_utils import Conversations, load_conversations
-    from training_examples import drop_untrainable_examples, to_training_records
-
     if policy == "pairs":
         replies = load_conversations(str(path), policy="replies")
         conversations = Conversations([{"messages": e["messages"][-2:]} for e in replies.examples], "all")
@@ -35,8 +38,6 @@ def training_records(path: str | Path, policy: str, limit: int = 0, tokenizer=No
 
 def add_variant_arguments(parser) -> None:
     """The hidden flags by which a benchmark script runs one variant in a child process (run_variant_process)."""
-    import argparse
-
     parser.add_argument("--variant", choices=["original", "ours"], help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
 
@@ -83,7 +84,7 @@ def trained_examples(dataset) -> int:
 
 
 def peak_memory_mib() -> tuple[float, str]:
-    import torch
+    import torch  # here: the GPU check's runner imports this module for its paths, and must start without torch
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20, "CUDA max allocated"

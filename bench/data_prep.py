@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -61,8 +63,6 @@ def repo_multi_turn(rows: list[dict]) -> list[str]:
 
 def original_single_turn(rows: list[dict]) -> list[str]:
     """The original recipe's preparation: one "### Human: ... ### Assistant: ..." pair per assistant message."""
-    import pandas as pd
-
     df = pd.DataFrame(rows)
     texts = df.set_index("message_id")["text"]
     pairs = []

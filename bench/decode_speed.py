@@ -28,12 +28,24 @@ import time
 from pathlib import Path
 
 import torch
+from bitsandbytes.functional import has_avx512bf16  # whether bitsandbytes has its fused bf16 CPU kernel
+from peft import PeftModel
+from torch.profiler import ProfilerActivity, profile
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LogitsProcessorList
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_utils import write_json  # noqa: E402
 
+from adapter_utils import load_chat_model  # noqa: E402
 from chat_template import HUMAN  # noqa: E402
 from checkpoint_utils import read_run_config  # noqa: E402
+from config import DataArguments, GenerationArguments, QuantizationArguments  # noqa: E402
+from data_utils import load_train_and_eval  # noqa: E402
+from generation_utils import generate_reply, row_repetition_penalty  # noqa: E402
+from model_utils import load_tokenizer  # noqa: E402
+from report import settings  # noqa: E402
+from scoring import assistant_token_loss, clean_stop_replies  # noqa: E402
+from workarounds import keep_4bit_weights_trainable_on_cpu  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -51,11 +63,6 @@ def parse_args(argv=None):
 def load_plain(folder: Path, run: dict, repack: bool = True):
     """The 4-bit base with the adapter as transformers and peft load it by themselves, in the dtype the project
     computes in on CPU (float32)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    from model_utils import load_tokenizer
-
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=run["bnb_4bit_quant_type"],
@@ -66,17 +73,12 @@ def load_plain(folder: Path, run: dict, repack: bool = True):
         run["model_name_or_path"], quantization_config=quantization, dtype=torch.float32, device_map="cpu"
     )
     if not repack:
-        from workarounds import keep_4bit_weights_trainable_on_cpu
-
         keep_4bit_weights_trainable_on_cpu(base)
     model = PeftModel.from_pretrained(base, folder).eval()
     return model, load_tokenizer(str(folder))  # the saved tokenizer, with the training template (for the loss)
 
 
 def load_ours(folder: Path, dequantize: str = "auto"):
-    from adapter_utils import load_chat_model
-    from config import QuantizationArguments
-
     return load_chat_model(folder, quant_args=QuantizationArguments(dequantize_on_cpu=dequantize))
 
 
@@ -94,9 +96,6 @@ def plain_reply(model, tokenizer, messages: list[dict], tokens: int) -> list[int
 
 
 def ours_reply(model, tokenizer, messages: list[dict], tokens: int) -> list[int]:
-    from config import GenerationArguments
-    from generation_utils import generate_reply
-
     reply = generate_reply(model, tokenizer, messages, GenerationArguments(max_new_tokens=tokens, temperature=0))
     return tokenizer(reply, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] * reply.ended
 
@@ -119,10 +118,6 @@ def report_rows(prompts: list, penalty: float) -> tuple[list, list[str], list[fl
 @torch.inference_mode()
 def plain_batched(model, tokenizer, prompts, adapters, penalties, max_new_tokens) -> list[dict]:
     """One generate() call over every row, with each row's adapter and penalty: rows run until the last one ends."""
-    from transformers import LogitsProcessorList
-
-    from generation_utils import row_repetition_penalty
-
     tokenizer.padding_side = "left"
     batch = tokenizer.apply_chat_template(
         prompts, add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True
@@ -159,19 +154,12 @@ def batched(name: str, replies: list[dict], seconds: float) -> dict:
 
 def profile_decode(model, tokenizer, messages, tokens: int, reply) -> str:
     """The torch profiler's table of `tokens` decode steps (the prompt's forward included), by own CPU time."""
-    from torch.profiler import ProfilerActivity, profile
-
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
         reply(model, tokenizer, messages, tokens)
     return profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
 
 
 def held_out_loss(model, tokenizer, run: dict) -> tuple[float, int]:
-    from config import DataArguments
-    from data_utils import load_train_and_eval
-    from report import settings
-    from scoring import assistant_token_loss
-
     _, dev, test = load_train_and_eval(settings(DataArguments, run))
     return assistant_token_loss(model, tokenizer, test or dev, run["max_length"])
 
@@ -188,8 +176,6 @@ def main(argv=None) -> dict:
     run = read_run_config(folder)
     questions = json.loads((folder / "eval.json").read_text())["prompts"]
     messages = [{"role": "user", "content": questions[0]}]
-    from bitsandbytes.functional import has_avx512bf16  # whether bitsandbytes has its fused bf16 CPU kernel
-
     paths = {"plain": lambda: load_plain(folder, run), "ours": lambda: load_ours(folder)}
     if has_avx512bf16():
         paths["plain, no fused kernel"] = lambda: load_plain(folder, run, repack=False)
@@ -226,8 +212,6 @@ def main(argv=None) -> dict:
             print(f"held-out loss, {name}: {loss:.6f} on {count} tokens ({seconds:.1f} s)")
         if prompts:
             if ours:
-                from scoring import clean_stop_replies
-
                 rows, seconds = timed(
                     clean_stop_replies, model, tokenizer, prompts, max_new_tokens, adapter_names=adapters,
                     repetition_penalties=penalties,

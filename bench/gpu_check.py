@@ -153,8 +153,8 @@ class Check:
         }
 
     def step_env(self, step: str) -> dict:
-        """Steps side by side share the cores: torch's threads would otherwise spin against each other (measured on
-        2 cores: three training processes with a thread per core each ran 16 times slower than one alone)."""
+        """Steps side by side share the cores: torch's threads would otherwise spin against each other (three training
+        processes with a thread per core each run many times slower than one alone)."""
         if step in self.threads and "OMP_NUM_THREADS" not in os.environ:
             return {**self.env, "OMP_NUM_THREADS": str(self.threads[step])}
         return self.env

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (BENCHMARKS.md, "Phi-2 on a GPU"): the one command to run on the GPU machine.
+# The GPU check (bench/gpu_check.py lists its steps): the one command to run on the GPU machine.
 #   make gpu-wheels                       # first, here: the wheels and tokenizer that machine lacks, into .whl/
 #   bash bench/gpu_check.sh               # there, with .whl/ copied along: install them, then every step
 #   bash bench/gpu_check.sh --rehearsal   # anywhere: every step at tiny size on CPU, nothing installed

@@ -33,7 +33,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import bench_utils as bench
+import bench_utils as bench  # first of the repository's modules: it puts the repository root on sys.path
+import torch
+from datasets import Dataset
+from transformers import AutoTokenizer, PhiConfig, PhiForCausalLM, TrainerCallback
+
+from adapter_utils import build_lora_config
+from config import LoraArguments, ModelArguments, QuantizationArguments
+from model_utils import load_model, load_tokenizer
+from tiny_model import build_tokenizer
+from train_settings import TrainingConfig
+from trainer_setup import build_trainer
 
 # Dense bf16 tensor-core peak, TFLOPS (no sparsity), by a substring of torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = {
@@ -89,11 +99,6 @@ def build_model(out: Path, tiny: bool, tokenizer_from: str = "auto", vocabulary_
     present, else tiny). vocabulary_of_tokenizer: size the embedding and output head to the tokenizer instead of
     Phi-2's 51,200 (a much smaller tiny model with the tiny BPE). Also used by bench/gpu_check.py, whose training
     steps run on this model."""
-    import torch
-    from transformers import AutoTokenizer, PhiConfig, PhiForCausalLM
-
-    from tiny_model import build_tokenizer
-
     if tokenizer_from == "auto":
         tokenizer_from = str(bench.SMOLLM2) if bench.SMOLLM2.is_dir() else "tiny"
     tokenizer = build_tokenizer() if tokenizer_from == "tiny" else AutoTokenizer.from_pretrained(tokenizer_from)
@@ -117,16 +122,6 @@ def build_model(out: Path, tiny: bool, tokenizer_from: str = "auto", vocabulary_
 
 
 def run_variant(args) -> dict:
-    import torch
-    from datasets import Dataset
-    from transformers import TrainerCallback
-
-    from adapter_utils import build_lora_config
-    from config import LoraArguments, ModelArguments, QuantizationArguments
-    from model_utils import load_model, load_tokenizer
-    from train_settings import TrainingConfig
-    from trainer_setup import build_trainer
-
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     tokenizer = load_tokenizer(args.model)

@@ -23,10 +23,13 @@ bf16 is emulated); float32 and bfloat16 on CPU (train.py's CPU run and a bf16 CP
 its torch fallback. What cannot run is reported as skipped, with why.
 The JSON says per probe: status, seconds, figures and error; and `optim`, the optimizer the later steps train with:
 paged_adamw_32bit, unless paged AdamW failed here (then adamw_torch, and `optim_reason` says why).
+Each probe imports the libraries it tests inside its function, which runs in a process of its own (`--one`): a library
+that fails to import, or ends the process, fails that probe alone.
 """
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -34,7 +37,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from quantization_utils import NATIVE_BF16_CAPABILITY  # noqa: E402
+
 PAGED_ELEMENTS = 2**17  # bitsandbytes pages an optimizer state from 100,000 elements (get_state_buffer)
 # (hidden, vocabulary, tokens) of the LM head and (in, out, tokens) of the 4-bit layer, at Phi-2's size and tiny.
 SIZES = {
@@ -57,7 +65,6 @@ def relative_error(got, want) -> float:
 
 def paged_adamw(device, size: dict, dtype_name: str) -> dict:
     import bitsandbytes as bnb
-    import torch
 
     torch.manual_seed(0)
     start = torch.randn(PAGED_ELEMENTS, device=device)
@@ -85,7 +92,6 @@ def paged_adamw(device, size: dict, dtype_name: str) -> dict:
 
 
 def chunked_logprob(device, size: dict, dtype_name: str) -> dict:
-    import torch
     from transformers.utils import is_triton_available
     from trl.kernels import ChunkedLogProbFunction
 
@@ -126,7 +132,6 @@ def chunked_logprob(device, size: dict, dtype_name: str) -> dict:
 
 def linear4bit_lora(device, size: dict, dtype_name: str) -> dict:
     import bitsandbytes as bnb
-    import torch
     from bitsandbytes.functional import dequantize_4bit
     from peft import LoraConfig
     from peft.tuners.lora import Linear4bit as LoraLinear4bit
@@ -166,8 +171,6 @@ def linear4bit_lora(device, size: dict, dtype_name: str) -> dict:
 
 def check(figures: dict, dtype_name: str) -> None:
     """Every error figure finite and within the dtype's tolerance."""
-    import math
-
     errors = {k: v for k, v in figures.items() if k.endswith("_error")}
     bad = {k: v for k, v in errors.items() if not (math.isfinite(v) and v <= TOLERANCE[dtype_name])}
     if bad or figures.get("entropy_finite") is False:
@@ -180,9 +183,6 @@ PROBES = {"paged_adamw": paged_adamw, "chunked_logprob": chunked_logprob, "linea
 def planned(kind: str, capability: tuple[int, int] | None = None) -> tuple[list[tuple[str, str, str]], dict[str, str]]:
     """(probe name, function, dtype) to run on a device of this kind and compute capability, and the probes skipped
     there with why: the dtypes that device trains in."""
-    sys.path.insert(0, str(ROOT))
-    from quantization_utils import NATIVE_BF16_CAPABILITY
-
     skipped = {}
     if kind == "cuda" and tuple(capability) < NATIVE_BF16_CAPABILITY:
         dtypes = ("float16",)
@@ -220,8 +220,6 @@ def run_one(name: str, kind: str, dtype: str, tiny: bool) -> dict:
 
 
 def run_probes(tiny: bool) -> dict:
-    import torch
-
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     runs, skipped = planned(device_type, torch.cuda.get_device_capability() if device_type == "cuda" else None)
     with ThreadPoolExecutor(len(runs)) as pool:
@@ -255,8 +253,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
-        import torch
-
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         size = SIZES["tiny" if args.tiny else "phi2"]
         try:

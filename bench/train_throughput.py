@@ -29,16 +29,21 @@ import tempfile
 import time
 from pathlib import Path
 
-import bench_utils as bench
+import bench_utils as bench  # first of the repository's modules: it puts the repository root on sys.path
+import torch
+from datasets import Dataset
+from transformers import AutoTokenizer, PhiConfig, PhiForCausalLM
+
+from adapter_utils import build_lora_config
+from config import LoraArguments, ModelArguments, QuantizationArguments
+from model_utils import load_model, load_tokenizer
+from tiny_model import build_tiny_phi
+from train_settings import TrainingConfig
+from trainer_setup import build_trainer
 
 
 def build_default_model(out: Path, hidden_size: int, layers: int, tokenizer_from: str | None) -> Path:
     """A random PhiForCausalLM; with a stand-in tokenizer, sized to its vocabulary."""
-    import torch
-    from transformers import AutoTokenizer, PhiConfig, PhiForCausalLM
-
-    from tiny_model import build_tiny_phi
-
     if tokenizer_from is None:
         return build_tiny_phi(out, hidden_size=hidden_size, layers=layers)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
@@ -62,15 +67,6 @@ def build_default_model(out: Path, hidden_size: int, layers: int, tokenizer_from
 
 def run_variant(args) -> dict:
     """One variant, in this process: train one pass, return its figures."""
-    import torch
-    from datasets import Dataset
-
-    from adapter_utils import build_lora_config
-    from config import LoraArguments, ModelArguments, QuantizationArguments
-    from model_utils import load_model, load_tokenizer
-    from train_settings import TrainingConfig
-    from trainer_setup import build_trainer
-
     tokenizer = load_tokenizer(args.model)
     records = bench.training_records(args.data, args.data_policy, args.examples, tokenizer, args.max_length)
     model = load_model(
@@ -188,8 +184,6 @@ def main(argv: list[str] | None = None) -> dict:
         for variant, variant_runs in runs.items():
             results[variant] = min(variant_runs, key=lambda r: r["train_seconds"])
             results[variant]["train_seconds_every_run"] = [r["train_seconds"] for r in variant_runs]
-
-    import torch
 
     original, ours = results["original"], results["ours"]
     summary = {

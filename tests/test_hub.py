@@ -1,4 +1,4 @@
-"""--push_to_hub (README, "Share on the Hub"): checked before anything loads, uploaded by train.py after the report,
+"""--push_to_hub (hub_utils.py): checked before anything loads, uploaded by train.py after the report,
 never by the Trainer; with the Hub out of reach (a dead port on 127.0.0.1), one line and the run kept whole."""
 
 import os

@@ -1,4 +1,4 @@
-"""The tuned model behind an OpenAI-compatible endpoint (README, "Serve and share"): `transformers serve` on the folder
+"""The tuned model behind an OpenAI-compatible endpoint (inference.py --merge-to): `transformers serve` on the folder
 that `inference.py --merge-to` writes, asked by the openai client with a system message, plain and streamed, answers
 as inference.py does and stops at EOS. Only 127.0.0.1 is reached."""
 
@@ -69,8 +69,8 @@ def test_transformers_serve_answers_like_inference_py(yes_adapter, merged, tmp_p
 
 
 def test_transformers_serve_takes_a_model_folder_not_an_adapter(yes_adapter):
-    """README: `transformers serve` 5.24 reads the folder's config.json first, which an adapter folder has not, so an
-    adapter is merged first. When this fails, upstream serves adapters now: update the README."""
+    """`transformers serve` 5.24 reads the folder's config.json first, which an adapter folder has not, so an
+    adapter is merged first. When this fails, upstream serves adapters now: the docs can say so."""
     from transformers.cli.serving.model_manager import ModelManager
 
     with pytest.raises(ValueError, match="Unrecognized model"):
