@@ -122,7 +122,7 @@ def run_variant(args) -> dict:
     }
 
 
-def argument_parser() -> argparse.ArgumentParser:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="Model folder (default: a tiny random Phi built on the fly).")
     parser.add_argument("--hidden_size", type=int, default=128, help="Width of the default tiny model.")
@@ -152,11 +152,6 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--attn_implementation", default="sdpa")
     parser.add_argument("--json", default="bench/results/train_throughput.json", help="Where to write the figures.")
     bench.add_variant_arguments(parser)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> dict:
-    parser = argument_parser()
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -195,6 +190,14 @@ def main(argv: list[str] | None = None) -> dict:
         "ours": ours,
         "tokens_per_second_ratio": round(ours["real_tokens_per_second"] / original["real_tokens_per_second"], 2),
     }
+    print_summary(summary, results)
+    bench.write_json(args.json, summary)
+    return summary
+
+
+def print_summary(summary: dict, results: dict) -> None:
+    """The two variants side by side, with every run's time and the ratio of their speeds."""
+    original, ours = results["original"], results["ours"]
     rows = [
         *bench.SPEED_ROWS,
         ("examples trained", "trained_examples", "{:d}"),
@@ -212,8 +215,6 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"real tokens/s ratio (ours / original), fastest runs: {summary['tokens_per_second_ratio']}x")
     if not ours["packing"]:
         print("note: packing fell back to length grouping for this model (see the warning above)")
-    bench.write_json(args.json, summary)
-    return summary
 
 
 if __name__ == "__main__":
