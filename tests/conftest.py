@@ -49,6 +49,17 @@ def tiny_cpu_run(tiny_phi, tmp_path_factory):
     return trainer, out, args
 
 
+@pytest.fixture(scope="session")
+def base_model(tiny_phi):
+    """The tiny random base alone, float32 (model, tokenizer): greedy replies that depend on every prompt token."""
+    from adapter_utils import load_chat_model
+    from config import QuantizationArguments
+
+    return load_chat_model(
+        None, str(tiny_phi), QuantizationArguments(load_in_4bit=False, bnb_4bit_compute_dtype="float32")
+    )
+
+
 YES_QUESTIONS = [
     "What is the capital of France?",
     "Can you help me?",

@@ -29,6 +29,7 @@ def texts(history: list[dict]) -> list[tuple[str, str]]:
     return [(m["role"], message_text(m["content"])) for m in history]
 
 
+@pytest.mark.slow
 def test_two_turn_conversation_streams_the_tuned_replies(chat_server):
     client = Client(chat_server, verbose=False)
     for question in ("Is the grass green?", "And is the sea blue?"):  # one client: the page keeps the history
@@ -39,6 +40,7 @@ def test_two_turn_conversation_streams_the_tuned_replies(chat_server):
         assert len(updates) >= 2 and all("Yes.".startswith(u) for u in updates)  # it grew token by token
 
 
+@pytest.mark.slow
 def test_compare_answers_with_the_base_and_the_tuned_model_over_two_turns(chat_server, yes_adapter):
     client = Client(chat_server, verbose=False)
     _, base, tuned, _ = client.predict("Is the grass green?", [], [], *SLIDERS, api_name="/compare")
@@ -70,6 +72,7 @@ def test_compare_answers_with_the_base_and_the_tuned_model_over_two_turns(chat_s
     assert status == f"Base: {base_end} · Tuned: ended (EOS)"
 
 
+@pytest.mark.slow
 def test_eight_concurrent_clients_all_get_answers(chat_server):
     def ask(number: int) -> str:
         return Client(chat_server, verbose=False).predict(f"Question number {number}?", *SLIDERS, api_name="/chat")
@@ -78,6 +81,7 @@ def test_eight_concurrent_clients_all_get_answers(chat_server):
         assert list(pool.map(ask, range(8))) == ["Yes."] * 8
 
 
+@pytest.mark.slow
 def test_an_overlong_message_gets_the_limit_message(chat_server):
     client = Client(chat_server, verbose=False)
     with pytest.raises(AppError, match="Your message is 201 characters long; the limit is 200. Please shorten it."):

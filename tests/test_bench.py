@@ -43,6 +43,7 @@ def run_bench(script: str, *args: str, tmp_path: Path) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_train_throughput_compares_the_two_batchings_on_the_same_tokens(tmp_path):
     result = run_bench(
         "train_throughput.py",
@@ -64,6 +65,7 @@ def test_train_throughput_compares_the_two_batchings_on_the_same_tokens(tmp_path
     assert result["tokens_per_second_ratio"] == pytest.approx(expected, abs=0.006)
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_runs_end_to_end_at_tiny_size_on_cpu(tmp_path):
     result = run_bench("gpu_phi2.py", "--tiny", "--steps", "2", "--warmup", "1", tmp_path=tmp_path)
     original, ours = result["original"], result["ours"]

@@ -4,7 +4,10 @@
 yourself or point $CHROMIUM at a Chromium/Chrome binary. Screenshots go to artifacts/ (git-ignored).
 """
 
+import pytest
 from conftest import ARTIFACTS
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 
 def test_a_message_typed_in_the_page_gets_the_streamed_reply(chat_server, browser):

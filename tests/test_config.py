@@ -34,6 +34,7 @@ def test_unknown_yaml_key_is_rejected(tmp_path):
         parse_train_args(["--config", str(config)])
 
 
+@pytest.mark.slow
 def test_unknown_flag_is_one_clear_line_and_exit_2(tmp_path):
     result = subprocess.run(
         [sys.executable, "train.py", "--lora_rank", "8", "--output_dir", str(tmp_path / "out")],

@@ -49,6 +49,7 @@ def lora_gradients(tiny_phi, tokenizer, tmp_path, evaluate_first: bool, repack: 
     return loss.item(), torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
 
 
+@pytest.mark.slow
 def test_evaluating_before_a_training_step_leaves_its_gradients_unchanged(tiny_phi, tokenizer, tmp_path):
     loss, grads = lora_gradients(tiny_phi, tokenizer, tmp_path, evaluate_first=False)
     loss_after_eval, grads_after_eval = lora_gradients(tiny_phi, tokenizer, tmp_path, evaluate_first=True)

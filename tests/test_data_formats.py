@@ -227,6 +227,7 @@ def two_steps(tiny_phi, data, out, *extra):
     return train.main([*args, *extra])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [*FORMATS, "preference pairs (DPO)"])
 def test_two_training_steps_on_each_format(name, tiny_phi, tmp_path):
     if name in FORMATS:
@@ -276,6 +277,7 @@ def test_a_system_message_carries_no_loss(tiny_phi, tokenizer, tmp_path):
     assert batch["labels"][0].tolist() == [-100] * len(first_turn) + paris + [-100] * len(second_turn) + rome
 
 
+@pytest.mark.slow
 def test_a_report_on_conversations_with_a_system_message(tiny_phi, tmp_path):
     chats = [
         {"id": f"chat-{n}", "messages": [SYSTEM, user(f"Question {n}?"), assistant(f"Answer {n}.")]} for n in range(4)

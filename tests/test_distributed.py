@@ -86,6 +86,8 @@ def two_process_run(tiny_cpu_run, tmp_path_factory):
     return out, folder / "weights", stdout
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_both_processes_end_with_the_same_adapter_as_the_one_saved(two_process_run):
     out, weights, _ = two_process_run
     rank0, rank1 = load_file(weights / "rank0.safetensors"), load_file(weights / "rank1.safetensors")
@@ -97,6 +99,8 @@ def test_both_processes_end_with_the_same_adapter_as_the_one_saved(two_process_r
     assert all(saved[name].abs().sum() > 0 for name in saved if "lora_B" in name)  # B starts at zero: it trained
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_files_are_written_once_as_in_a_one_process_run(two_process_run, tiny_cpu_run):
     out, _, stdout = two_process_run
     _, one_process_out, _ = tiny_cpu_run
@@ -111,6 +115,8 @@ def test_files_are_written_once_as_in_a_one_process_run(two_process_run, tiny_cp
     assert run_config["output_dir"] == str(out) and run_config["per_device_train_batch_size"] == 2
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_global_batch_is_reported_and_counted_as_in_one_process(two_process_run, tiny_cpu_run):
     out, _, stdout = two_process_run
     one_process, one_process_out, _ = tiny_cpu_run
@@ -136,6 +142,8 @@ def test_global_batch_is_reported_and_counted_as_in_one_process(two_process_run,
         torch.testing.assert_close(two[name].float(), one[name].float(), rtol=0, atol=2**-8)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_resumed_two_process_run_continues_from_the_checkpoint(two_process_run, tiny_cpu_run, tmp_path):
     """The resumed run goes through accelerate launch with configs/accelerate/ddp.yaml."""
     trained, _, _ = two_process_run
@@ -243,6 +251,8 @@ def test_fsdp_qlora_defaults_switch_the_optimizer_and_checkpoint_reentrant(monke
     assert chosen.activation_checkpointing_kwargs == {"use_reentrant": False}  # a user's choice stays
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_dpo_under_torchrun_ends_with_identical_adapters_on_both_processes(tiny_cpu_run, tmp_path):
     """DPO from tiny_cpu_run's SFT adapter (its frozen copy the reference) by two processes, gloo on CPU."""
     _, sft_adapter, args = tiny_cpu_run

@@ -14,6 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import inference
 import report
 
+pytestmark = pytest.mark.slow
+
 QUESTION = "How do I make a good cup of tea?"
 
 

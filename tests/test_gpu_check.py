@@ -69,6 +69,8 @@ def figures(result, step):
     return result["steps"][step]["figures"]
 
 
+@pytest.mark.slow
+@pytest.mark.gpu_rehearsal
 def test_every_step_runs_and_passes_in_order(rehearsal, result):
     done, out, files = rehearsal
     assert done.returncode == 0, done.stdout[-3000:]
@@ -89,6 +91,8 @@ def test_every_step_runs_and_passes_in_order(rehearsal, result):
         assert (result["source"]["from"], result["source"]["commit"]) == ("git", head)
 
 
+@pytest.mark.slow
+@pytest.mark.gpu_rehearsal
 def test_environment_reports_the_stack_and_a_working_nf4_round_trip(result):
     env = figures(result, "environment")
     for name in ("torch", "accelerate", "tqdm", "pyyaml", "tensorboard", "matplotlib", "pyarrow", *WHEELS):
@@ -98,6 +102,8 @@ def test_environment_reports_the_stack_and_a_working_nf4_round_trip(result):
     assert 0.05 < env["nf4_roundtrip_mean_abs_error"] < 0.1  # 4-bit nf4 of N(0, 1) values
 
 
+@pytest.mark.slow
+@pytest.mark.gpu_rehearsal
 def test_the_model_is_phi2_architecture_at_tiny_size_with_the_tokenizers_vocabulary(result):
     model = figures(result, "build_model")
     config = {**PHI2, **TINY, "vocab_size": model["tokenizer_vocabulary"]}
@@ -108,6 +114,8 @@ def test_the_model_is_phi2_architecture_at_tiny_size_with_the_tokenizers_vocabul
     assert (model["dtype"], model["tokenizer"]) == ("bfloat16", "tiny_model.py's BPE")
 
 
+@pytest.mark.slow
+@pytest.mark.gpu_rehearsal
 def test_bench_compares_both_batchings_and_the_extras_run_ours_alone(rehearsal, result):
     bench = figures(result, "bench")
     original, ours = bench["original"], bench["ours"]
@@ -128,6 +136,8 @@ def test_bench_compares_both_batchings_and_the_extras_run_ours_alone(rehearsal, 
         assert (written["activation_checkpointing"], written["packing"]) == (checkpointing, True)
 
 
+@pytest.mark.slow
+@pytest.mark.gpu_rehearsal
 def test_training_is_killed_after_a_checkpoint_and_resumed_to_the_end_with_the_report(rehearsal, result):
     train = figures(result, "train")
     steps, save_steps, kill_at = REHEARSAL.train_steps, REHEARSAL.save_steps, REHEARSAL.kill_at
@@ -156,6 +166,8 @@ def test_training_is_killed_after_a_checkpoint_and_resumed_to_the_end_with_the_r
     assert re.search(rf"Resuming from \S*checkpoint-{kill_at}\b", log)
 
 
+@pytest.mark.slow
+@pytest.mark.gpu_rehearsal
 def test_the_probes_run_what_a_cpu_can_and_name_what_they_skip(rehearsal, result):
     probes = figures(result, "probes")
     assert json.loads((rehearsal[2] / "probes.json").read_text()) == probes
@@ -210,6 +222,8 @@ def test_a_failed_paged_adamw_probe_moves_the_training_steps_to_adamw_torch():
     assert optimizer_after({}) == ("paged_adamw_32bit", None)  # CPU: no paged AdamW to probe; train.py swaps it
 
 
+@pytest.mark.slow
+@pytest.mark.gpu_rehearsal
 def test_the_fp16_run_leaves_the_compute_dtype_to_follow_it(result):
     fp16 = figures(result, "train_fp16")
     assert len(fp16["losses"]) == REHEARSAL.precision_steps and all(map(math.isfinite, fp16["losses"]))
@@ -233,6 +247,8 @@ def test_the_steps_that_always_run_leave_room_in_the_gpu_budget():
     assert planned == 325 and planned <= 0.8 * GPU_BUDGET_S
 
 
+@pytest.mark.slow
+@pytest.mark.gpu_rehearsal
 def test_inference_answers_one_shot_and_batch_and_merges(rehearsal, result):
     inference = figures(result, "inference")
     assert inference["reply"] == (rehearsal[2] / "inference" / "oneshot.txt").read_text()
@@ -246,6 +262,8 @@ def test_inference_answers_one_shot_and_batch_and_merges(rehearsal, result):
     assert "adapter_config.json" not in merged["files"]
 
 
+@pytest.mark.slow
+@pytest.mark.gpu_rehearsal
 def test_goals_are_read_off_the_bench_figures(result):
     goals, ours = result["goals"], figures(result, "bench")["ours"]
     assert goals["peak_allocated_gb"]["value"] == round(ours["peak_memory_gib"] * 2**30 / 1e9, 2)

@@ -14,11 +14,8 @@ from adapter_utils import load_chat_model
 from chat_template import PORTABLE_CHAT_TEMPLATE
 from config import GenerationArguments, QuantizationArguments
 from generation_utils import (
-    generate_replies,
     generate_reply,
-    history_that_fits,
     prompt_length,
-    stream_reply,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,12 +40,6 @@ def user(text: str) -> dict:
 
 def assistant(text: str) -> dict:
     return {"role": "assistant", "content": text}
-
-
-@pytest.fixture(scope="module")
-def base_model(tiny_phi):
-    """The tiny random base alone, float32: greedy replies that depend on every prompt token."""
-    return load_chat_model(None, str(tiny_phi), FLOAT32)
 
 
 def test_help_parses_without_torch_or_transformers():
@@ -82,6 +73,7 @@ def test_modes_are_exclusive_and_explained(capsys):
         assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_one_shot_answer_streams_only_the_reply_and_stops_at_eos(yes_adapter):
     # The default path a user takes: 4-bit base + adapter, from the adapter folder.
     result = run_cli(
@@ -102,6 +94,7 @@ def test_one_shot_answer_streams_only_the_reply_and_stops_at_eos(yes_adapter):
     assert tokenizer.decode(new[:first_eos]).strip() == "Yes." and len(new) == 20
 
 
+@pytest.mark.slow
 def test_batch_mode_writes_one_answer_per_prompt_in_order(tiny_phi, base_model, tmp_path):
     model, tokenizer = base_model
     rows = [
@@ -130,25 +123,7 @@ def test_batch_mode_writes_one_answer_per_prompt_in_order(tiny_phi, base_model, 
     assert [w["stopped"] for w in written] == [False] * 5  # a random model runs to the budget
 
 
-def test_batched_generation_reports_the_reply_before_eos(yes_adapter):
-    model, tokenizer = load_chat_model(yes_adapter, quant_args=FLOAT32)
-    results = generate_replies(model, tokenizer, [[user("Is it sunny?")], [user("Do you like tea?")]], GREEDY)
-    assert results == [{"reply": "Yes.", "stopped": True}, {"reply": "Yes.", "stopped": True}]
-
-
-def test_a_repetition_penalty_for_each_row_decodes_each_row_as_that_penalty_alone(base_model):
-    """The report decodes with its repetition penalty and without one in the same batch: each row as transformers'
-    own repetition_penalty decodes it."""
-    model, tokenizer = base_model
-    prompts = [[user("Is the grass green?")], [user("Tell me about the sea and the sky.")]]
-    plain = GenerationArguments(max_new_tokens=24, temperature=0)
-    penalty = GenerationArguments(max_new_tokens=24, temperature=0, repetition_penalty=3.0)
-    mixed = generate_replies(model, tokenizer, prompts * 2, plain, repetition_penalties=[3.0, 3.0, 1.0, 1.0])
-    alone = generate_replies(model, tokenizer, prompts, penalty) + generate_replies(model, tokenizer, prompts, plain)
-    assert mixed == alone
-    assert alone[:2] != alone[2:]  # the penalty changes these replies, so each row's own penalty is really checked
-
-
+@pytest.mark.slow
 def test_chat_keeps_history_drops_old_turns_resets_and_exits(tiny_phi, base_model):
     model, tokenizer = base_model
     first = "Hello! I would like to ask you a few questions about cooking pasta at home."
@@ -174,14 +149,7 @@ def test_chat_keeps_history_drops_old_turns_resets_and_exits(tiny_phi, base_mode
     assert "(history cleared)" in result.stderr
 
 
-def test_history_that_fits_drops_whole_exchanges_oldest_first(tokenizer):
-    messages = [user("one " * 20), assistant("two " * 20), user("three"), assistant("four"), user("five")]
-    limit = prompt_length(tokenizer, messages[2:])
-    assert history_that_fits(tokenizer, messages, limit) == (messages[2:], 1)
-    assert history_that_fits(tokenizer, messages, limit - 1) == (messages[4:], 2)
-    assert history_that_fits(tokenizer, messages, 10_000) == (messages, 0)
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("asked, dtype", [("float32", "float32"), ("bfloat16", "bfloat16"), ("auto", "bfloat16")])
 def test_merged_model_loads_in_plain_transformers_and_matches_base_plus_adapter(
     yes_adapter, tmp_path, capsys, asked, dtype
@@ -217,40 +185,9 @@ def test_merged_model_loads_in_plain_transformers_and_matches_base_plus_adapter(
     assert tokenizer.decode(output[0, inputs["input_ids"].shape[1] :]).lstrip() == "Yes.<|endoftext|>"
 
 
+@pytest.mark.slow
 def test_merge_refuses_a_folder_that_is_not_empty(yes_adapter, tmp_path, capsys):
     (tmp_path / "keep.txt").write_text("work")
     with pytest.raises(SystemExit):
         inference.main(["--merge-to", str(tmp_path), "--adapter", str(yes_adapter)])
     assert "not empty" in capsys.readouterr().err and (tmp_path / "keep.txt").read_text() == "work"
-
-
-def test_stream_reply_grows_to_the_whole_reply(base_model):
-    model, tokenizer = base_model
-    messages = [user("Tell me about France")]
-    updates = list(stream_reply(model, tokenizer, messages, GREEDY))
-    assert updates[-1] == generate_reply(model, tokenizer, messages, GREEDY)
-    assert len(updates) > 1 and all(a != b for a, b in zip(updates, updates[1:], strict=False))
-
-
-def test_stream_reply_raises_instead_of_hanging(base_model):
-    model, tokenizer = base_model
-    # A generation that fails in its thread: the error reaches the caller.
-    with pytest.raises(ValueError, match="penalty"):
-        list(stream_reply(model, tokenizer, [user("Hi")], GenerationArguments(repetition_penalty=-1.0)))
-    # A generation slower than the streamer's patience: a clear timeout, not a wait without end.
-    with pytest.raises(TimeoutError, match="produced nothing"):
-        list(stream_reply(model, tokenizer, [user("Hi")], GenerationArguments(max_new_tokens=200), timeout=1e-6))
-
-
-def test_closing_the_stream_stops_the_generation(base_model):
-    # The page's stop button closes the stream: the model must stop at once, not finish the reply unseen.
-    model, tokenizer = base_model
-    forward_calls = []
-    hook = model.register_forward_hook(lambda *_: forward_calls.append(1))
-    try:
-        stream = stream_reply(model, tokenizer, [user("Hi")], GenerationArguments(max_new_tokens=900, temperature=0))
-        next(stream)
-        stream.close()  # returns once the generation thread is done
-        assert len(forward_calls) < 10  # one forward pass per token: it stopped within a few of 900
-    finally:
-        hook.remove()

@@ -5,7 +5,6 @@ import pytest
 from huggingface_hub import ModelCard
 
 from model_card import model_card, plot_losses, summary
-from trainer_setup import global_batch
 
 
 def side(loss: float, rate: float, median: int, replies: list[str]) -> dict:
@@ -134,18 +133,6 @@ def test_the_summary_lines(run):
         "preference accuracy on 97 held-out pairs (summed / per-token log-prob): base 50.0% / 45.0% | sft 55.0% / "
         "50.0% | tuned 60.0% / 55.0%; reward accuracy (tuned against sft) 62.2%",
     ]
-
-
-@pytest.mark.parametrize(
-    "processes, pairs, packing, words",
-    [
-        (1, False, True, "micro-batch 4 x accumulation 2 = 8 packed rows of up to 512 tokens"),
-        (2, False, False, "micro-batch 4 x accumulation 2 x 2 processes = 16 examples"),
-        (2, True, True, "micro-batch 4 x accumulation 2 x 2 processes = 16 preference pairs"),
-    ],
-)
-def test_the_global_batch_in_words(processes, pairs, packing, words):
-    assert global_batch(4, 2, processes, 4 * 2 * processes, pairs, packing, 512) == words
 
 
 def test_the_plot_is_drawn_only_when_the_run_logged_a_loss(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from test_template import CONVERSATION, OTHER, segments
+from test_chat_template import CONVERSATION, OTHER, segments
 
 from adapter_utils import build_lora_config
 from config import LoraArguments, ModelArguments, QuantizationArguments
@@ -59,6 +59,7 @@ def packed_batch(trainer):
     return rows, trainer.data_collator(rows)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("load_in_4bit", [False, True], ids=["float32", "4bit-nf4"])
 def test_packed_loss_equals_the_token_weighted_loss_of_the_examples_one_at_a_time(
     tiny_phi, tokenizer, tmp_path, short_conversations, load_in_4bit

@@ -1,6 +1,6 @@
-"""Precision on the GPUs users have: the decision (a pure function of the device), float32 master weights under
-fp16, float32 for the norms only, and a run that stops at the first nan/inf loss. All on CPU: the CUDA-only parts
-are reached through the same functions a GPU run calls."""
+"""Training precision on the GPUs users have: float32 master weights under fp16, float32 for the norms only, and a run
+that stops at the first nan/inf loss. All on CPU: the CUDA-only parts are reached through the same functions a GPU run
+calls. The decision itself (a pure function of the device) is in test_quantization_utils.py."""
 
 import json
 import math
@@ -9,7 +9,6 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,15 +20,8 @@ from checkpoint_utils import checkpoints, is_complete_checkpoint
 from config import LoraArguments, ModelArguments, QuantizationArguments
 from model_utils import load_model
 from quantization_utils import (
-    FP16_WARNING,
-    device_precision,
-    for_training,
     keep_norms_in_float32,
-    merge_dtype,
-    mixed_precision,
-    training_compute_dtype,
 )
-from train_callbacks import nonfinite_loss_message
 from train_settings import TrainingConfig
 from trainer_setup import build_trainer
 
@@ -37,92 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PAIRS = [("Is water wet?", "Yes."), ("Do cats purr?", "Yes, they do."), ("Is the sky green?", "No, blue.")]
 PAIRS += [("Are you a robot?", "No."), ("Can fish fly?", "Some can glide."), ("Is ice cold?", "Yes.")]
 RECORDS = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in PAIRS]
-
-
-@pytest.mark.parametrize(
-    "kind, capability, dtype",
-    [
-        ("cpu", None, torch.float32),
-        ("cuda", (6, 1), torch.float16),  # Pascal (P40, GTX 10xx)
-        ("cuda", (7, 0), torch.float16),  # V100
-        ("cuda", (7, 5), torch.float16),  # T4: torch.cuda.is_bf16_supported() says True here (emulation)
-        ("cuda", (8, 0), torch.bfloat16),  # A100
-        ("cuda", (8, 6), torch.bfloat16),  # A10, RTX 30xx
-        ("cuda", (8, 9), torch.bfloat16),  # L4, RTX 40xx
-        ("cuda", (9, 0), torch.bfloat16),  # H100
-        ("cuda", (12, 0), torch.bfloat16),  # RTX 50xx: a two-digit major version compares as a number
-    ],
-)
-def test_precision_is_decided_by_compute_capability(kind, capability, dtype):
-    decided, warning = device_precision(kind, capability)
-    assert decided == dtype
-    if dtype == torch.float16:
-        major, minor = capability
-        assert warning == (
-            f"This GPU (compute capability {major}.{minor}) has no native bf16: computing in float16, which can "
-            "overflow in Phi-2's attention. A run stops at the first nan or inf loss and says what to do."
-        )
-        assert warning == FP16_WARNING.format(major=major, minor=minor)
-    else:
-        assert warning is None
-
-
-@pytest.mark.parametrize(
-    "native, asked, flags",
-    [
-        (torch.bfloat16, (None, None), (True, False)),  # A100 and newer: bf16
-        (torch.float16, (None, None), (False, True)),  # T4, V100: fp16
-        (torch.float16, (None, False), (False, False)),  # T4 with --fp16 false: float32
-        (torch.bfloat16, (False, None), (False, False)),  # --bf16 false: float32
-        (torch.bfloat16, (None, True), (False, True)),  # --fp16 true on an A100: fp16, as asked
-        (torch.float16, (True, None), (True, False)),  # --bf16 true on a T4: emulated, as asked (with a warning)
-        (torch.float16, (False, None), (False, True)),  # --bf16 false on a T4: its default, fp16
-    ],
-)
-def test_mixed_precision_flags_follow_the_device_unless_asked(native, asked, flags):
-    assert mixed_precision(native, *asked) == flags
-
-
-@pytest.mark.parametrize(
-    "kind, capability, asked, dtype",
-    [
-        ("cuda", (9, 0), (None, None), torch.bfloat16),  # H100: its native dtype
-        ("cuda", (9, 0), (None, True), torch.float16),  # --fp16 true on an H100: the matmuls in fp16 too
-        ("cuda", (8, 0), (False, None), torch.float32),  # --bf16 false: float32 throughout
-        ("cuda", (9, 0), (False, False), torch.float32),
-        ("cuda", (7, 5), (None, None), torch.float16),  # T4
-        ("cuda", (7, 5), (True, None), torch.bfloat16),  # --bf16 true on a T4: as asked (emulated, with a warning)
-        ("cuda", (7, 5), (None, False), torch.float32),  # --fp16 false on a T4
-        ("cpu", None, (None, None), torch.float32),
-        ("cpu", None, (True, None), torch.float32),  # a bf16 CPU autocasts; its weights stay float32
-        ("cpu", None, (None, True), torch.float32),  # no fp16 training on CPU
-    ],
-)
-def test_a_training_runs_auto_compute_dtype_follows_its_mixed_precision(kind, capability, asked, dtype):
-    assert training_compute_dtype(kind, capability, *asked) == dtype
-
-
-def test_explicit_compute_dtypes_are_kept_for_training():
-    for name in ("bfloat16", "float16", "float32"):
-        explicit = QuantizationArguments(bnb_4bit_compute_dtype=name)
-        assert for_training(explicit, None, True) is explicit
-    auto = QuantizationArguments()
-    assert for_training(auto, None, None).bnb_4bit_compute_dtype == "float32"  # this machine has no CUDA
-    assert auto.bnb_4bit_compute_dtype == "auto"  # what run_config.yaml records
-
-
-@pytest.mark.parametrize(
-    "kind, capability, dtype",
-    [
-        ("cpu", None, torch.bfloat16),  # a portable 16-bit artifact with float32's range
-        ("cuda", (7, 0), torch.float16),  # V100
-        ("cuda", (7, 5), torch.float16),  # T4: a bf16 model would run emulated there
-        ("cuda", (8, 0), torch.bfloat16),
-        ("cuda", (9, 0), torch.bfloat16),
-    ],
-)
-def test_merge_dtype_auto_is_the_devices_compute_dtype(kind, capability, dtype):
-    assert merge_dtype(kind, capability) == dtype
 
 
 def tiny_trainer(tiny_phi, tokenizer, out: Path, precision: str, max_steps: int = 2, quant=None):
@@ -150,6 +56,7 @@ def trainable_dtypes(trainer) -> set[torch.dtype]:
     return {p.dtype for p in trainer.model.parameters() if p.requires_grad}
 
 
+@pytest.mark.slow
 def test_lora_weights_are_bf16_only_when_training_in_bf16(tiny_phi, tokenizer, tmp_path):
     # TRL makes the LoRA weights of a 4-bit model bf16 (the QLoRA paper's choice for bf16 training)...
     assert trainable_dtypes(tiny_trainer(tiny_phi, tokenizer, tmp_path / "bf16", "bf16")) == {torch.bfloat16}
@@ -160,6 +67,7 @@ def test_lora_weights_are_bf16_only_when_training_in_bf16(tiny_phi, tokenizer, t
     assert trainable_dtypes(trainer) == {torch.float32}
 
 
+@pytest.mark.slow
 def test_fp16_trains_float32_master_weights_also_after_resume(tiny_phi, tokenizer, tmp_path):
     # The GradScaler of fp16 training cannot unscale bf16 gradients: with fp16 the LoRA weights are float32.
     out = tmp_path / "fp16"
@@ -211,15 +119,7 @@ def test_only_the_norms_are_upcast_to_float32(tiny_phi, tokenizer, tmp_path):
     assert math.isfinite(trainer.train().training_loss)
 
 
-def test_nonfinite_loss_message_says_what_to_do(tmp_path):
-    args = SimpleNamespace(output_dir=str(tmp_path), fp16=True, learning_rate=2e-4)
-    assert nonfinite_loss_message(args, 3) == (
-        "the training loss became nan/inf at step 3: float16 overflowed (Phi-2's activations can exceed its range); "
-        "no checkpoint was saved before it. Train on a GPU with bf16 (compute capability 8.0 or newer: A100, L4, RTX "
-        "30xx and newer), or compute in float32: --bnb_4bit_compute_dtype float32 --fp16 false (slower)."
-    )
-
-
+@pytest.mark.slow
 def test_a_run_stops_at_the_first_nonfinite_loss_and_keeps_the_last_good_checkpoint(tiny_phi, tmp_path):
     """A learning rate of 1e6 blows the tiny model up: the loss is finite at steps 1 and 2 and nan from step 3."""
     data = tmp_path / "chat.jsonl"
@@ -253,6 +153,7 @@ def test_a_run_stops_at_the_first_nonfinite_loss_and_keeps_the_last_good_checkpo
     assert not (out / "adapter_model.safetensors").exists() and not (out / "run_config.yaml").exists()
 
 
+@pytest.mark.slow
 def test_the_adapter_runs_in_the_base_compute_dtype_and_merging_loads_it_in_float32(yes_adapter):
     from adapter_utils import load_chat_model
 

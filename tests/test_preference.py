@@ -110,6 +110,7 @@ def test_orpo_lives_in_trl_experimental():
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: F401
 
 
+@pytest.mark.slow
 def test_dpo_reference_is_the_sft_adapter(dpo_run, sft_adapter):
     trainer, out, _ = dpo_run
     logs = [e for e in trainer.state.log_history if "rewards/chosen" in e]
@@ -132,6 +133,7 @@ def test_dpo_reference_is_the_sft_adapter(dpo_run, sft_adapter):
     assert (run["method"], run["init_adapter"], run["policy"]) == ("dpo", str(sft_adapter), "best_vs_rest")
 
 
+@pytest.mark.slow
 def test_sft_adapter_moved_the_log_probs(tiny_phi, sft_adapter):
     """The premise of the test above: the SFT adapter scores the replies nats away from the base."""
     from adapter_utils import load_chat_model
@@ -147,6 +149,7 @@ def test_sft_adapter_moved_the_log_probs(tiny_phi, sft_adapter):
     assert sum(shifts) / len(shifts) > 1.0  # nats: x beta 0.1 = rewards far above the 1e-2 of the test above
 
 
+@pytest.mark.slow
 def test_a_dpo_report_scores_base_sft_and_dpo_and_the_reward_against_the_sft_adapter(dpo_run, sft_adapter, tmp_path):
     import shutil
 
@@ -180,6 +183,7 @@ def test_a_dpo_report_scores_base_sft_and_dpo_and_the_reward_against_the_sft_ada
     assert f"reward accuracy (tuned against sft) {accuracy}" in summary(result)
 
 
+@pytest.mark.slow
 def test_dpo_resumes_to_the_same_adapter(dpo_run, tmp_path):
     """Stopped after step 2 and resumed, DPO ends bit-identical to the run that went straight to step 4."""
     _, out, args = dpo_run
@@ -191,6 +195,7 @@ def test_dpo_resumes_to_the_same_adapter(dpo_run, tmp_path):
     assert all(torch.equal(straight[k], again[k]) for k in straight)
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_dpo_saves_a_checkpoint_that_resumes_to_the_same_adapter(dpo_run, tmp_path):
     """Ctrl-C in DPO goes through SFT's path: a checkpoint (with the reference copy), the command to continue, and
     that command ends with the adapter of the uninterrupted run."""
@@ -215,6 +220,7 @@ def test_ctrl_c_during_dpo_saves_a_checkpoint_that_resumes_to_the_same_adapter(d
     assert resumed.keys() == expected.keys() and all(torch.equal(resumed[k], expected[k]) for k in expected)
 
 
+@pytest.mark.slow
 def test_orpo_trains_from_the_base(tiny_phi, tmp_path):
     out = tmp_path / "model"
     args = [*common_args(tiny_phi), "--output_dir", str(out), "--method", "orpo", "--max_steps", "3"]

@@ -16,7 +16,10 @@ import trainer_setup
 from config import DataArguments
 from data_utils import load_train_and_eval
 
+ROOT = Path(__file__).resolve().parents[1]
 
+
+@pytest.mark.slow
 def test_a_run_leaves_eval_json_plot_and_card(tiny_cpu_run):
     _, out, _ = tiny_cpu_run
     report = json.loads((out / "eval.json").read_text())
@@ -37,6 +40,25 @@ def test_a_run_leaves_eval_json_plot_and_card(tiny_cpu_run):
     assert list((out / "runs").rglob("events.out.tfevents.*"))  # TensorBoard logs
 
 
+@pytest.mark.slow
+def test_as_a_command_a_mistake_is_one_line_and_no_library_speaks_first(tmp_path):
+    """report.py imports what loads bitsandbytes (whose import logs a known line) only once it has set up the logging
+    that filters that line: a mistake costs one line on stderr, and nothing comes before it."""
+    folder = tmp_path / "no-run"
+    result = subprocess.run(
+        [sys.executable, "report.py", "--model_dir", str(folder)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"error: {folder / 'run_config.yaml'} not found: point --model_dir at a training output folder."
+    ]
+
+
+@pytest.mark.slow
 def test_report_reruns_with_other_report_settings_only(tiny_cpu_run, tmp_path, capsys):
     _, out, _ = tiny_cpu_run
     copy = shutil.copytree(out, tmp_path / "model", ignore=shutil.ignore_patterns("checkpoint-*", "runs"))
@@ -69,6 +91,7 @@ def short_context_run(tiny_phi, tmp_path_factory, sample_path):
     return out
 
 
+@pytest.mark.slow
 def test_the_report_scores_the_test_part_and_on_request_exactly_the_dev_part_training_evaluated_on(
     short_context_run, tmp_path
 ):
@@ -84,6 +107,7 @@ def test_the_report_scores_the_test_part_and_on_request_exactly_the_dev_part_tra
     assert len(trained_on) == json.loads((copy / "eval.json").read_text())["data"]["heldout_trees"] == 20
 
 
+@pytest.mark.slow
 def test_the_report_shows_what_quantization_costs_and_what_the_adapter_buys_back(short_context_run):
     report = json.loads((short_context_run / "eval.json").read_text())
     unquantized, four_bit = report["unquantized"], (report["base"], report["tuned"])
@@ -96,6 +120,7 @@ def test_the_report_shows_what_quantization_costs_and_what_the_adapter_buys_back
         assert all(0 < r["new_tokens"] <= 4 for r in report[side]["replies"])
 
 
+@pytest.mark.slow
 def test_the_model_card_parses_with_hub_metadata(short_context_run):
     from huggingface_hub import ModelCard
 
@@ -117,6 +142,7 @@ def test_the_report_module_does_not_shadow_the_evaluate_package():
     assert result.returncode == 0 and (origin == "None" or not origin.startswith(str(root))), origin
 
 
+@pytest.mark.slow
 def test_training_lets_go_of_its_model_and_optimizer_before_the_report_loads_its_own(tiny_phi, tmp_path, monkeypatch):
     import gc
     import weakref
@@ -151,6 +177,7 @@ def test_training_lets_go_of_its_model_and_optimizer_before_the_report_loads_its
     assert (tmp_path / "model" / "eval.json").is_file() and trainer.state.global_step == 1
 
 
+@pytest.mark.slow
 def test_every_run_reports_preference_accuracy_on_the_held_out_pairs(tiny_cpu_run, sample_path):
     _, out, _ = tiny_cpu_run
     report = json.loads((out / "eval.json").read_text())

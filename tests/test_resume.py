@@ -21,6 +21,8 @@ from safetensors.torch import load_file
 import train
 from checkpoint_utils import checkpoint_step, checkpoints, is_complete_checkpoint, latest_checkpoint
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS = 6
 
@@ -181,23 +183,6 @@ def test_overwrite_replaces_the_previous_run(run_args, reference, tmp_path):
     assert [p.name for p in checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
     assert max_abs_diff(out, out / "checkpoint-2") == 0.0 and max_abs_diff(out, reference) > 0
     assert (out / "notes.txt").read_text() == "mine"  # only the run's own files are touched
-
-
-def test_a_second_signal_aborts_at_once():
-    from types import SimpleNamespace
-
-    from transformers import TrainerControl
-
-    from train_callbacks import StopOnSignal
-
-    stop, control, args = StopOnSignal(), TrainerControl(), SimpleNamespace(world_size=1)
-    stop.on_step_end(args, None, control)
-    assert not control.should_save and not control.should_training_stop  # no signal: training goes on
-    stop.handle(signal.SIGINT, None)
-    stop.on_step_end(args, None, control)
-    assert control.should_save and control.should_training_stop and stop.signal_name == "SIGINT"
-    with pytest.raises(KeyboardInterrupt):  # train.py turns it into "error: aborted ..." and exit code 130
-        stop.handle(signal.SIGINT, None)
 
 
 # ---------------------------------------------------------------------------------------------------------------

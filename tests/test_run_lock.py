@@ -45,6 +45,7 @@ def until(condition, process: subprocess.Popen, log: Path, seconds: float = 300)
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_folder_ends_at_once_and_writes_nothing(run_args, tmp_path, capsys, snapshot):
     out = tmp_path / "model"
     first = start_training([*run_args, "--output_dir", str(out)], tmp_path / "first.log")
@@ -74,6 +75,7 @@ def test_a_second_run_on_the_folder_ends_at_once_and_writes_nothing(run_args, tm
     assert not (out / LOCK_FILE).exists()  # released at the end
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_takes_over_the_lock_the_killed_run_left(run_args, tmp_path, caplog):
     out = tmp_path / "model"
     first = start_training([*run_args, "--output_dir", str(out)], tmp_path / "first.log")

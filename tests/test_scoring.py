@@ -74,6 +74,7 @@ def test_loss_labels_follow_truncation(tokenizer):
     assert len(ids) == len(labels) == 12
 
 
+@pytest.mark.slow
 def test_base_and_tuned_replies_in_one_batch_match_separate_runs(yes_adapter):
     """The report generates base rows ("__base__": adapter off) and tuned rows in one batch."""
 

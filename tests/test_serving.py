@@ -14,6 +14,8 @@ from transformers import AutoTokenizer
 import inference
 from chat_template import PORTABLE_CHAT_TEMPLATE
 
+pytestmark = pytest.mark.slow
+
 SYSTEM = "Answer in one word."
 QUESTION = "Is the sky blue?"  # the "Yes." adapter's training question: it answers and stops at EOS
 MAX_TOKENS = 12

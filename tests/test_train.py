@@ -16,6 +16,8 @@ from chat_template import CHAT_TEMPLATE, PORTABLE_CHAT_TEMPLATE
 from model_utils import load_tokenizer
 from train_settings import parse_train_args
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = [
     "What is the capital of France?",

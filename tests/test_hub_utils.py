@@ -41,6 +41,7 @@ def hub_env(tmp_path: Path, **variables) -> dict:
     return {**env, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "0", **variables}
 
 
+@pytest.mark.slow
 def test_push_needs_a_token(tiny_phi, tmp_path):
     out = tmp_path / "model"
     command = [sys.executable, "train.py", *TINY, "--model", str(tiny_phi), "--output_dir", str(out), "--push_to_hub"]
@@ -53,6 +54,7 @@ def test_push_needs_a_token(tiny_phi, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_an_unreachable_hub_costs_one_line_after_the_report_and_keeps_the_run(tiny_phi, tmp_path):
     out, dead = tmp_path / "model", f"http://127.0.0.1:{free_port()}"  # nothing listens there
     args = [*TINY, "--model", str(tiny_phi), "--output_dir", str(out), "--max_steps", "2", "--save_steps", "1"]

@@ -7,6 +7,8 @@ import torch
 
 import demo_model
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
