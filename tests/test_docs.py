@@ -41,7 +41,9 @@ FORBIDDEN = {
         r"\b(?:first|second|third|fourth|fifth|sixth|seventh|eighth|ninth|tenth|\d+(?:st|nd|rd|th))\s+session\b",
         re.IGNORECASE,
     ),
-    "the build machinery's tools": re.compile(r"\bdevice\s+tool|\bgive[_]back\b", re.IGNORECASE),
+    "the build machinery's tools": re.compile(
+        r"\bdevice(?:'s)?\s+(?:tool|call|README)|\bgive[_]back\b", re.IGNORECASE
+    ),
     "a path on the build machines": re.compile(r"/work[/]"),
 }
 URL = re.compile(r"\b[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE)
