@@ -1,4 +1,4 @@
-# The two commands of the README:
+# The README's quick start on CPU:
 #   make demo   install, then train on a real pretrained model offline and answer a prompt (CPU is enough)
 #   make demo-preference   after make demo: DPO from the demo's adapter on oasst1's rankings; base / SFT / DPO report
 #   make test   install, then lint and run the test suite (installs Chromium for the browser test when root)
@@ -25,7 +25,8 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) demo.py
 
-# After `make demo`: DPO from its adapter (model/) on the sample's ranked replies, into model-dpo/ (README).
+# After `make demo`: DPO from its adapter (model/) on the sample's ranked replies, into model-dpo/
+# (docs/preference-tuning.md).
 demo-preference: install
 	$(PY) demo.py --preference
 
@@ -50,9 +51,9 @@ chromium:
 		fi; \
 	fi
 
-# The GPU check (bench/gpu_check.py lists its steps). gpu-wheels, here: the wheels and tokenizer the GPU machine lacks,
-# into .whl/ (fails if what travels would pass 64 MiB). gpu-check, on that machine (no venv, no network there).
-# gpu-rehearsal: the same steps at tiny size on CPU.
+# The GPU check (bench/README.md). gpu-wheels, on a machine with network: the wheels and tokenizer that a GPU machine
+# without network lacks, into .whl/ (their versions checked; fails above 64 MiB). gpu-check, on the GPU machine, with
+# the repository and .whl/ copied there (no venv needed). gpu-rehearsal: the same steps at tiny size on CPU.
 gpu-wheels: install
 	$(PY) bench/gpu_wheels.py
 
